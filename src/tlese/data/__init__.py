@@ -1,0 +1,1 @@
+"""Data layer: read images (io), preprocess and cache them, build tables, tasks, folds and torch datasets."""

@@ -1,0 +1,55 @@
+"""Dataset adapters: each turns one on-disk layout into the common table.
+
+A table has one row per image with at least `patient_id, side, view, path, label, dataset, modality`
+(see `_common.TABLE_COLUMNS`) plus the dataset's own label columns. `side` is "L"/"R" and `view` "CC"/"MLO"
+for mammograms; chest X-rays have `side == view == ""`. `path` is an absolute path string.
+
+    table = get_adapter("cmmd")(root)            # or load_dataset("cmmd", root)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+Adapter = Callable[..., pd.DataFrame]
+
+_ADAPTERS: dict[str, Adapter] = {}
+
+
+def register_adapter(name: str) -> Callable[[Adapter], Adapter]:
+    """Decorator adding `load_<name>(root, **options) -> DataFrame` to the registry under `name`."""
+
+    def decorate(function: Adapter) -> Adapter:
+        if name in _ADAPTERS and _ADAPTERS[name] is not function:
+            raise ValueError(f"dataset adapter {name!r} is already registered ({_ADAPTERS[name].__module__})")
+        _ADAPTERS[name] = function
+        return function
+
+    return decorate
+
+
+def get_adapter(name: str) -> Adapter:
+    """The adapter registered as `name`; an unknown name raises ValueError listing the valid ones."""
+    try:
+        return _ADAPTERS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(list_adapters())}") from None
+
+
+def list_adapters() -> list[str]:
+    """Registered adapter names, sorted."""
+    return sorted(_ADAPTERS)
+
+
+def load_dataset(name: str, root: str | Path, **options) -> pd.DataFrame:
+    """Shortcut for `get_adapter(name)(root, **options)`."""
+    return get_adapter(name)(root, **options)
+
+
+# Importing the adapter modules registers them.
+from tlese.data.datasets import cbis_ddsm, cmmd, cxr, manifest, mias, vindr  # noqa: E402,F401
+
+__all__ = ["register_adapter", "get_adapter", "list_adapters", "load_dataset"]

@@ -1,0 +1,410 @@
+"""Read mammograms and chest X-rays: DICOM (incl. RLE / JPEG / JPEG 2000 / JPEG-LS via pylibjpeg) and PNG, JPEG, PGM.
+
+`read_image(path)` returns float32 pixels in the stored intensity scale (modality rescale and VOI LUT / window
+applied when present, MONOCHROME1 inverted so that bright = dense tissue, no 8-bit quantisation) and an
+`ImageHeader`. `read_header(path)` gives the header without decoding pixels. Every failure is an `ImageReadError`
+naming the file and the problem.
+
+The header carries only technical tags (view, side, photometric, size, bits, ...), never patient identifiers.
+
+Views are the upper-case DICOM view codes (`CC`, `MLO`, `ML`, `LM`, `XCCL`, `XCCM`, `FB`, `LMO`, `SIO`, `CV`, ...),
+kept as written: an exaggerated CC (`XCCL`) is *not* silently turned into `CC`, because it shows a different part of
+the breast; `view_family()` maps it to `CC` where a caller wants the coarse family (used by
+`check_header_against`, so a dataset saying CC for an XCCL image is not a conflict).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "PPM": "pgm", "TIFF": "tiff", "BMP": "bmp"}
+
+# View codes seen in ViewPosition (0018,5101) or text fields, and the coarse family each belongs to.
+VIEW_FAMILY = {
+    "CC": "CC", "XCCL": "CC", "XCCM": "CC", "FB": "CC", "CV": "CC",
+    "MLO": "MLO", "LMO": "MLO",
+    "ML": "ML", "LM": "LM", "SIO": "SIO", "AT": "AT", "LAT": "ML",
+}
+# ViewCodeSequence code meanings (DICOM CID 4014), compared without case, spaces or hyphens.
+_VIEW_MEANINGS = {
+    "craniocaudal": "CC",
+    "mediolateraloblique": "MLO",
+    "mediolateral": "ML",
+    "lateromedial": "LM",
+    "lateromedialoblique": "LMO",
+    "craniocaudalexaggeratedlaterally": "XCCL",
+    "craniocaudalexaggeratedmedially": "XCCM",
+    "caudocranialfrombelow": "FB",
+    "superolateraltoinferomedialoblique": "SIO",
+    "cleavage": "CV",
+    "axillarytail": "AT",
+}
+_SIDE_WORDS = {"L": "L", "LEFT": "L", "R": "R", "RIGHT": "R"}
+
+
+class ImageReadError(ValueError):
+    """An image could not be read or contradicts the dataset; the message is "<path>: <problem>"."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """Technical description of one image (never patient identifiers).
+
+    `view` / `side` are None when the file does not say (always for PNG/JPEG/PGM). `view_source` / `side_source`
+    name the tag they came from (e.g. "ImageLaterality"), for error messages.
+    """
+
+    view: str | None
+    side: str | None
+    modality: str | None
+    photometric: str
+    rows: int
+    cols: int
+    bits_stored: int
+    source_format: str
+    transfer_syntax: str | None = None
+    pixel_spacing: tuple[float, float] | None = None
+    manufacturer_model: str | None = None
+    view_source: str | None = None
+    side_source: str | None = None
+
+
+def view_family(view: str | None) -> str | None:
+    """Coarse view family: XCCL/XCCM/FB -> CC, LMO -> MLO, others unchanged; None stays None."""
+    if view is None:
+        return None
+    code = view.strip().upper()
+    return VIEW_FAMILY.get(code, code)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public readers
+
+
+def read_header(path: str | Path) -> ImageHeader:
+    """Read the header of a DICOM or PIL-readable image without decoding its pixels."""
+    path = Path(path)
+    image = _open_pil(path) if _sniff(path) == "pil" else None
+    if image is None:
+        return _dicom_header(_read_dicom(path, stop_before_pixels=True), path)
+    with image:
+        return _pil_header(image, path)
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, ImageHeader]:
+    """Read pixels as float32 (H, W), bright = dense, in the stored intensity scale, plus the header."""
+    path = Path(path)
+    image = _open_pil(path) if _sniff(path) == "pil" else None
+    if image is None:
+        ds = _read_dicom(path, stop_before_pixels=False)
+        header = _dicom_header(ds, path)
+        return _dicom_pixels(ds, header, path), header
+    with image:
+        header = _pil_header(image, path)
+        return _pil_pixels(image, path), header
+
+
+def check_header_against(
+    header: ImageHeader, expected_view: str | None, expected_side: str | None, path: str | Path
+) -> None:
+    """Raise ImageReadError when the file's view or side contradicts the dataset's; None on either side passes."""
+    if header.side is not None and expected_side is not None:
+        expected = _normalise_side(str(expected_side))
+        if expected is not None and expected != header.side:
+            raise ImageReadError(
+                path,
+                f"laterality conflict: DICOM {header.side_source or 'header'} says {header.side}, "
+                f"dataset says {expected}",
+            )
+    if header.view is not None and expected_view is not None:
+        expected = _normalise_view(str(expected_view))
+        if expected is not None and view_family(expected) != view_family(header.view):
+            raise ImageReadError(
+                path,
+                f"view conflict: DICOM {header.view_source or 'header'} says {header.view}, dataset says {expected}",
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Format detection
+
+
+def _sniff(path: Path) -> str:
+    """'dicom' or 'pil'; raises for missing, empty or unreadable files."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageReadError(path, "file not found") from None
+    except OSError as error:
+        raise ImageReadError(path, f"cannot access file ({error.strerror})") from None
+    if path.is_dir():
+        raise ImageReadError(path, "is a directory, not an image file")
+    if size == 0:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(132)
+    except OSError as error:
+        raise ImageReadError(path, f"cannot read file ({error.strerror})") from None
+    if head[128:132] == b"DICM" or path.suffix.lower() in DICOM_SUFFIXES:
+        return "dicom"
+    return "pil"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DICOM
+
+
+def _read_dicom(path: Path, stop_before_pixels: bool):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        # PACS exports sometimes lack the 128-byte preamble; accept them only if they parse as an image.
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+        except Exception:
+            ds = None
+        if ds is None or "Rows" not in ds or "Columns" not in ds:
+            raise ImageReadError(path, "not a DICOM file or a supported image (PNG, JPEG, PGM)") from None
+    except EOFError:
+        raise ImageReadError(path, "truncated DICOM (file ends inside the header)") from None
+    except Exception as error:  # pydicom raises many types for corrupt files
+        raise ImageReadError(path, f"unreadable DICOM ({type(error).__name__}: {error})") from None
+    if "Rows" not in ds or "Columns" not in ds:
+        raise ImageReadError(path, "DICOM has no image (Rows/Columns missing)")
+    if not stop_before_pixels and "PixelData" not in ds:
+        raise ImageReadError(path, "DICOM has no Pixel Data (truncated or not an image object)")
+    return ds
+
+
+def _dicom_header(ds, path: Path) -> ImageHeader:
+    side, side_source = _dicom_side(ds)
+    view, view_source = _dicom_view(ds)
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    try:
+        pixel_spacing = (float(spacing[0]), float(spacing[1])) if spacing else None
+    except (TypeError, ValueError, IndexError):
+        pixel_spacing = None
+    transfer_syntax = None
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        transfer_syntax = str(meta.TransferSyntaxUID)
+    model = ds.get("ManufacturerModelName")
+    return ImageHeader(
+        view=view,
+        side=side,
+        modality=_text(ds.get("Modality")),
+        photometric=_text(ds.get("PhotometricInterpretation")) or "MONOCHROME2",
+        rows=int(ds.Rows),
+        cols=int(ds.Columns),
+        bits_stored=int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16),
+        source_format="dicom",
+        transfer_syntax=transfer_syntax,
+        pixel_spacing=pixel_spacing,
+        manufacturer_model=_text(model),
+        view_source=view_source,
+        side_source=side_source,
+    )
+
+
+def _dicom_side(ds) -> tuple[str | None, str | None]:
+    """Laterality: ImageLaterality, then Laterality, then free-text descriptions ("L CC", "RIGHT MLO", "RMLO")."""
+    for keyword in ("ImageLaterality", "Laterality"):
+        side = _normalise_side(_text(ds.get(keyword)))
+        if side is not None:
+            return side, keyword
+    for keyword in ("SeriesDescription", "ProtocolName", "ViewPosition"):
+        side, _ = _parse_description(_text(ds.get(keyword)))
+        if side is not None:
+            return side, keyword
+    return None, None
+
+
+def _dicom_view(ds) -> tuple[str | None, str | None]:
+    """View: ViewPosition, ViewCodeSequence, a view code in PatientOrientation (CBIS-DDSM puts it there), text."""
+    view = _normalise_view(_text(ds.get("ViewPosition")))
+    if view is not None:
+        return view, "ViewPosition"
+    for item in ds.get("ViewCodeSequence") or []:
+        meaning = re.sub(r"[^a-z]", "", str(item.get("CodeMeaning", "")).lower())
+        if meaning in _VIEW_MEANINGS:
+            return _VIEW_MEANINGS[meaning], "ViewCodeSequence"
+    orientation = ds.get("PatientOrientation")
+    if orientation is not None:
+        values = [orientation] if isinstance(orientation, str) else list(orientation)
+        if len(values) == 1:  # a real PatientOrientation has two values (row, column directions)
+            view = _normalise_view(str(values[0]))
+            if view is not None:
+                return view, "PatientOrientation"
+    for keyword in ("SeriesDescription", "ProtocolName"):
+        _, view = _parse_description(_text(ds.get(keyword)))
+        if view is not None:
+            return view, keyword
+    return None, None
+
+
+def _parse_description(text: str | None) -> tuple[str | None, str | None]:
+    """Side and view from a free-text description: "L CC", "RIGHT MLO", "R-MLO", "LCC", "rmlo"."""
+    if not text:
+        return None, None
+    side = view = None
+    for token in re.split(r"[^A-Z]+", text.upper()):
+        if not token:
+            continue
+        if token in _SIDE_WORDS:
+            side = side or _SIDE_WORDS[token]
+        elif token in VIEW_FAMILY and token not in ("LAT", "AT"):
+            view = view or token
+        elif token[0] in "LR" and token[1:] in VIEW_FAMILY and token[1:] not in ("LAT", "AT"):
+            side = side or token[0]
+            view = view or token[1:]
+    return side, view
+
+
+def _normalise_side(value: str | None) -> str | None:
+    if value is None:
+        return None
+    return _SIDE_WORDS.get(value.strip().upper())  # B (both) and U (unpaired) -> None
+
+
+def _normalise_view(value: str | None) -> str | None:
+    if value is None:
+        return None
+    code = re.sub(r"[^A-Z]", "", value.upper())
+    return code if code in VIEW_FAMILY and code != "LAT" else ("ML" if code == "LAT" else None)
+
+
+def _text(value) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _dicom_pixels(ds, header: ImageHeader, path: Path) -> np.ndarray:
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        raise ImageReadError(path, f"multi-frame DICOM ({frames} frames, e.g. tomosynthesis) is not supported")
+    raw = _decode(ds, path)
+    if raw.ndim == 3:  # colour (secondary capture): luminance, pydicom already converted YBR to RGB
+        raw = raw[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        photometric = "RGB"
+    else:
+        photometric = header.photometric
+    if raw.ndim != 2:
+        raise ImageReadError(path, f"unexpected pixel array shape {raw.shape}")
+    pixels = _apply_luts(raw, ds, path)
+    if photometric == "MONOCHROME1":
+        # Invert within the observed range so values stay in the same scale; bright = dense afterwards.
+        low, high = float(pixels.min()), float(pixels.max())
+        pixels = (high + low) - pixels
+    return np.ascontiguousarray(pixels, dtype=np.float32)
+
+
+def _decode(ds, path: Path) -> np.ndarray:
+    from pydicom.pixels import get_decoder, pixel_array
+
+    uid = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) else None
+    plugin = ""
+    if uid is not None and uid.is_compressed:
+        try:
+            decoder = get_decoder(uid)
+        except NotImplementedError:
+            raise ImageReadError(path, f"unsupported transfer syntax {uid.name} ({uid}): no decoder exists") from None
+        if not decoder.is_available:
+            missing = "; ".join(decoder.missing_dependencies) or "no plugin"
+            raise ImageReadError(path, f"cannot decode {uid.name}: no decoder installed ({missing})")
+        # pylibjpeg's compiled RLE decoder is ~4x faster than pydicom's pure-Python one.
+        if "pylibjpeg" in decoder.available_plugins:
+            plugin = "pylibjpeg"
+    try:
+        return pixel_array(ds, decoding_plugin=plugin) if plugin else ds.pixel_array
+    except ImageReadError:
+        raise
+    except Exception as error:  # decoders raise ValueError/RuntimeError/... for corrupt or short data
+        reason = " ".join(str(error).split())[:400] or type(error).__name__
+        raise ImageReadError(path, f"cannot decode pixel data (truncated or corrupt?): {reason}") from None
+
+
+def _apply_luts(raw: np.ndarray, ds, path: Path) -> np.ndarray:
+    """Modality rescale / LUT, then VOI LUT or window, in float32 (skipped when the tags are absent)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        if "ModalityLUTSequence" in ds:
+            pixels = apply_modality_lut(raw, ds).astype(np.float32)
+        else:
+            slope = float(ds.get("RescaleSlope", 1) or 1)
+            intercept = float(ds.get("RescaleIntercept", 0) or 0)
+            pixels = raw.astype(np.float32)
+            if slope != 1.0 or intercept != 0.0:
+                pixels = pixels * np.float32(slope) + np.float32(intercept)
+        if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
+            pixels = apply_voi_lut(pixels, ds, index=0, prefer_lut=True).astype(np.float32)
+    except Exception as error:
+        raise ImageReadError(path, f"invalid modality/VOI LUT tags ({type(error).__name__}: {error})") from None
+    return pixels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PNG / JPEG / PGM (PIL)
+
+_PIL_BITS = {"1": 1, "L": 8, "P": 8, "LA": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "I;16": 16, "I;16B": 16,
+             "I;16L": 16, "I;16N": 16, "I": 16, "F": 32}
+
+
+def _open_pil(path: Path):
+    """An open PIL image, or None when PIL does not know the format (the caller then tries DICOM)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path)
+    except UnidentifiedImageError:
+        return None  # maybe a DICOM without preamble and without a .dcm suffix
+    except OSError as error:
+        raise ImageReadError(path, f"cannot open image ({error})") from None
+
+
+def _pil_header(image, path: Path) -> ImageHeader:
+    cols, rows = image.size
+    photometric = "RGB" if image.mode in ("RGB", "RGBA", "P", "CMYK") else "MONOCHROME2"
+    return ImageHeader(
+        view=None,
+        side=None,
+        modality=None,
+        photometric=photometric,
+        rows=int(rows),
+        cols=int(cols),
+        bits_stored=_PIL_BITS.get(image.mode, 8),
+        source_format=PIL_FORMATS.get(image.format or "", (image.format or "image").lower()),
+    )
+
+
+def _pil_pixels(image, path: Path) -> np.ndarray:
+    try:
+        image.load()
+        mode = image.mode
+        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F", "L"):
+            array = np.asarray(image)  # 16-bit modes stay 16-bit (no conversion through 8-bit "L")
+        elif mode == "LA":
+            array = np.asarray(image)[..., 0]
+        else:  # RGB, RGBA, P, CMYK, 1: ITU-R 601 luminance through PIL
+            array = np.asarray(image.convert("L"))
+    except OSError as error:  # PIL's message for truncated files: "image file is truncated ..."
+        raise ImageReadError(path, f"cannot decode image (truncated or corrupt?): {error}") from None
+    if array.ndim != 2:
+        raise ImageReadError(path, f"unexpected pixel array shape {array.shape} (mode {image.mode})")
+    return np.ascontiguousarray(array, dtype=np.float32)

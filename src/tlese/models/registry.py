@@ -1,0 +1,93 @@
+"""Model registry: `@register_model` backbone builders, `create_model` wraps them to the package contract."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from tlese.models.classifier import ImageClassifier, channel_stats
+from tlese.models.dual_view import DualViewClassifier
+from tlese.models.weights import WeightSource, load_pretrained
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    build_backbone: Callable[..., nn.Module]  # (in_chans, **kw) -> backbone with num_features, gradcam_layer, first_conv
+    source: WeightSource  # ImageNet weights for pretrained=True; also fixes the input normalisation
+    description: str
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(source: WeightSource, description: str = "") -> Callable:
+    """Register a backbone builder under its function name."""
+
+    def decorator(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if build.__name__ in _REGISTRY:
+            raise ValueError(f"model {build.__name__!r} is registered twice")
+        doc = description or (build.__doc__ or "").strip().splitlines()[0]
+        _REGISTRY[build.__name__] = ModelEntry(build.__name__, build, source, doc)
+        return build
+
+    return decorator
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style pattern, sorted."""
+    return sorted(name for name in _REGISTRY if fnmatch.fnmatch(name, pattern))
+
+
+def get_entry(name: str) -> ModelEntry:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
+VIEW_MODES = ("single", "dual")
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    in_chans: int = 1,
+    pretrained: bool | str | os.PathLike = False,
+    views: str = "single",
+    fusion: str = "mean_logits",
+    weights_dir: str | os.PathLike | None = None,
+    drop_rate: float = 0.0,
+    **kw: Any,
+) -> ImageClassifier:
+    """Build a registered model that takes images in [0, 1] and returns logits `(B, num_classes)`.
+
+    pretrained: False (random init), True (the entry's ImageNet source; torchvision files are looked up in
+        `weights_dir`, $TLESE_WEIGHTS_DIR, then torch hub's cache) or a weights file path.
+    views: "single" -> input `(B, C, H, W)`; "dual" -> `(B, 2, C, H, W)` in CC, MLO order, fused by `fusion`.
+    kw: passed to the backbone builder (e.g. `gate_init` for the ESE models).
+    """
+    entry = get_entry(name)
+    if views not in VIEW_MODES:
+        raise ValueError(f"views must be one of {VIEW_MODES}, got {views!r}")
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+    backbone = entry.build_backbone(in_chans=in_chans, **kw)
+    cfg = {
+        "model": name,
+        "mean": channel_stats(entry.source.mean, in_chans),
+        "std": channel_stats(entry.source.std, in_chans),
+        "input_range": (0.0, 1.0),
+        "source": None,
+        "first_conv": f"backbone.{backbone.first_conv}",
+    }
+    if views == "single":
+        model = ImageClassifier(backbone, num_classes, cfg, drop_rate)
+    else:
+        model = DualViewClassifier(backbone, num_classes, cfg, drop_rate, fusion=fusion)
+    if pretrained:
+        load_pretrained(model, entry.source, pretrained, weights_dir)
+    return model

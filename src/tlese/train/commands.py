@@ -1,0 +1,92 @@
+"""`tlese cv`, `tlese merge`, `tlese compare` and `tlese demo`: thin wrappers over tlese.train.cv / tlese.train.merge."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+
+
+def _add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="experiment YAML")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set target_recipe.epochs=3 (repeatable)")
+    parser.add_argument("--arm", action="append", default=None, help="run only this arm (repeatable)")
+    parser.add_argument("--fold", type=int, default=None, help="run only this fold (one job per fold on a cluster)")
+    parser.add_argument("--no-resume", action="store_true", help="retrain even where a finished fold exists")
+
+
+def register(subparsers) -> None:
+    cv = subparsers.add_parser("cv", help="patient-level k-fold cross-validation of the config's arms")
+    _add_experiment_arguments(cv)
+    cv.set_defaults(func=cmd_cv)
+
+    compare = subparsers.add_parser("compare", help="cross-validate every arm on the same folds, then merge and compare")
+    _add_experiment_arguments(compare)
+    compare.set_defaults(func=cmd_compare)
+
+    merge = subparsers.add_parser("merge", help="aggregate finished folds of a run into metrics and a report")
+    merge.add_argument("run_dir", help="the run folder (<output_dir>/<name>)")
+    merge.set_defaults(func=cmd_merge)
+
+    demo = subparsers.add_parser("demo", help="the main job on the embedded synthetic data: synth, stage 1, 5-fold CV, report")
+    demo.add_argument("--out", default="runs/demo", help="folder for data, runs and the report (default runs/demo)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    demo.set_defaults(func=cmd_demo)
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def cmd_cv(args) -> int:
+    from tlese.train.config import load_experiment
+    from tlese.train.cv import run_cv
+
+    _logging()
+    experiment = load_experiment(args.config, args.overrides)
+    run_dir = run_cv(experiment, arms=args.arm, fold=args.fold, resume=not args.no_resume)
+    print(f"run folder: {run_dir}  (aggregate with: tlese merge {run_dir})")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from tlese.train.merge import merge_run
+
+    paths = merge_run(Path(args.run_dir))
+    print(f"report: {paths['html']}\nmarkdown: {paths['md']}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    cmd_cv(args)
+    from tlese.train.config import load_experiment
+    from tlese.train.cv import run_dir_of
+
+    args.run_dir = str(run_dir_of(load_experiment(args.config, args.overrides)))
+    return cmd_merge(args)
+
+
+def demo_config_path() -> Path:
+    return Path(str(resources.files("tlese") / "configs" / "demo.yaml"))
+
+
+def cmd_demo(args) -> int:
+    from tlese.data.synth import synthesize
+    from tlese.train.config import load_experiment
+    from tlese.train.cv import run_cv
+    from tlese.train.merge import merge_run
+
+    _logging()
+    started = time.time()
+    out = Path(args.out).resolve()
+    paths = synthesize(out / "data", seed=0)
+    overrides = [f"target.root={paths['mammo']}", f"cxr.root={paths['cxr']}", f"output_dir={out}",
+                 f"cache_dir={out / 'cache'}", *args.overrides]
+    experiment = load_experiment(demo_config_path(), overrides)
+    run_dir = run_cv(experiment)
+    report = merge_run(run_dir)
+    print(f"\ndemo finished in {time.time() - started:.0f} s\nreport: {report['html']}\nmarkdown: {report['md']}")
+    return 0
