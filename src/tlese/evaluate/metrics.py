@@ -6,12 +6,11 @@ and a sentence explaining why is appended to the result's ``warnings`` list, so 
 
 from __future__ import annotations
 
-import warnings as _warnings
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
+from scipy.stats import rankdata
 
 # Metrics that are summarised over folds, in the order a table shows them.
 SCALAR_METRICS = ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1")
@@ -32,11 +31,19 @@ def _safe_divide(numerator: float, denominator: float) -> float:
     return float(numerator) / float(denominator) if denominator else float("nan")
 
 
-def _binary_auc(is_positive: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC, or NaN when only one of positives / negatives is present (AUC undefined)."""
-    if is_positive.all() or not is_positive.any():
+def binary_auc(is_positive, scores) -> float:
+    """ROC AUC as the Mann-Whitney statistic with midranks (ties count 1/2), NaN when only one class is present.
+
+    Equal to `sklearn.metrics.roc_auc_score` (tested), but ~10x faster: sklearn 1.9's input validation costs
+    milliseconds per call, which dominates a 1000-resample bootstrap of K one-vs-rest AUCs.
+    """
+    is_positive = np.asarray(is_positive, dtype=bool)
+    n_positive = int(is_positive.sum())
+    n_negative = is_positive.size - n_positive
+    if n_positive == 0 or n_negative == 0:
         return float("nan")
-    return float(roc_auc_score(is_positive, scores))
+    ranks = rankdata(np.asarray(scores, dtype=float))
+    return float((ranks[is_positive].sum() - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative))
 
 
 def _validate(y_true, probs, class_names) -> tuple[np.ndarray, np.ndarray]:
@@ -78,9 +85,9 @@ def classification_metrics(y_true, probs, class_names: Sequence[str]) -> dict:
     labels = list(range(num_classes))
     notes: list[str] = []
 
-    cm = confusion_matrix(y_true, y_pred, labels=labels)
-    # zero_division=nan: F1 of a class never present nor predicted is undefined, not 0 (0 would drag the mean down).
-    f1_per_class = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=np.nan)
+    # Confusion matrix, F1 and recall are computed with numpy from the matrix (same values as sklearn's
+    # confusion_matrix / f1_score(zero_division=nan) / balanced_accuracy_score, tested) for bootstrap speed.
+    cm = np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(num_classes, -1)
 
     per_class: dict[str, dict] = {}
     for k, name in enumerate(class_names):
@@ -88,11 +95,13 @@ def classification_metrics(y_true, probs, class_names: Sequence[str]) -> dict:
         positives = cm[k, :].sum()
         negatives = cm.sum() - positives
         false_positive = cm[:, k].sum() - true_positive
+        false_negative = positives - true_positive
         per_class[name] = {
-            "auc": _binary_auc(y_true == k, probs[:, k]),
+            "auc": binary_auc(y_true == k, probs[:, k]),
             "sensitivity": _safe_divide(true_positive, positives),
             "specificity": _safe_divide(negatives - false_positive, negatives),
-            "f1": float(f1_per_class[k]),
+            # F1 of a class never present nor predicted is undefined (NaN), not 0, which would drag macro F1 down.
+            "f1": _safe_divide(2 * true_positive, 2 * true_positive + false_positive + false_negative),
             "support": int(positives),
         }
         if positives == 0:
@@ -102,7 +111,7 @@ def classification_metrics(y_true, probs, class_names: Sequence[str]) -> dict:
 
     present = [k for k in labels if 0 < cm[k, :].sum() < len(y_true)]
     if num_classes == 2:
-        macro_auc = _binary_auc(y_true == 1, probs[:, 1])
+        macro_auc = binary_auc(y_true == 1, probs[:, 1])
     else:
         macro_auc = float(np.mean([per_class[class_names[k]]["auc"] for k in present])) if present else float("nan")
         if present and len(present) < num_classes:
@@ -110,16 +119,14 @@ def classification_metrics(y_true, probs, class_names: Sequence[str]) -> dict:
     if not present:
         notes.append("fewer than two classes in the targets: macro AUC is NaN")
 
-    # Balanced accuracy = mean recall over the classes that occur (as sklearn's balanced_accuracy_score does),
-    # computed from the matrix to avoid sklearn's warning when a predicted class is absent from y_true.
+    # Balanced accuracy = mean recall over the classes that occur (as sklearn's balanced_accuracy_score).
     recalls = [per_class[name]["sensitivity"] for name in class_names if per_class[name]["support"] > 0]
-    with _warnings.catch_warnings():
-        _warnings.simplefilter("ignore", RuntimeWarning)  # mean of an all-NaN slice -> NaN is what we want
-        macro_f1 = float(np.nanmean(f1_per_class)) if np.isfinite(f1_per_class).any() else float("nan")
+    f1_values = np.array([per_class[name]["f1"] for name in class_names])
+    macro_f1 = float(np.nanmean(f1_values)) if np.isfinite(f1_values).any() else float("nan")
 
     result = {
         "n": int(len(y_true)),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "accuracy": float(np.trace(cm) / len(y_true)),
         "balanced_accuracy": float(np.mean(recalls)),
         "macro_auc": macro_auc,
         "macro_f1": macro_f1,

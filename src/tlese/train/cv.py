@@ -126,9 +126,10 @@ def run_fold(experiment: Experiment, arm: Arm, fold: int, data: PreparedData, fo
     split.to_csv(fold_dir / "split.csv", index=False)
 
     started = time.time()
-    model, init = initial_model(arm, experiment, data.num_classes, run_dir / arm.name, resume=resume)
-    modality, views = data.task.modality, experiment.views
     seed = experiment.seed + fold
+    # Model initialisation (heads, ESE, scratch arms) is seeded too, inside initial_model.
+    model, init = initial_model(arm, experiment, data.num_classes, run_dir / arm.name, seed=seed, resume=resume)
+    modality, views = data.task.modality, experiment.views
     result = engine.fit(model, make_dataset(train, views, modality, train=True, recipe=recipe, seed=seed),
                         make_dataset(val, views, modality, train=False, recipe=recipe),
                         recipe, fold_dir, num_classes=data.num_classes, seed=seed, resume=resume)

@@ -48,7 +48,7 @@ def macro_auc(targets: np.ndarray, probs: np.ndarray) -> float:
 
 
 def class_weights_from_targets(targets: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights (mean 1 over present classes); an absent class gets weight 0 (it cannot be learned)."""
+    """Inverse-frequency weights, scaled so the mean weight over samples is 1; an absent class gets 0 (nothing to learn)."""
     counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
     weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 0.0)
     return torch.tensor(weights, dtype=torch.float32)

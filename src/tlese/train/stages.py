@@ -36,6 +36,13 @@ class InitRecord:
         return dict(self.__dict__)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (Lightning's helper, quietly)."""
+    import lightning.pytorch as pl
+
+    pl.seed_everything(seed, workers=True, verbose=False)
+
+
 def new_model(arm: Arm, experiment: Experiment, num_classes: int, views: str) -> tuple[nn.Module, str]:
     """Create the arm's model with ImageNet weights when its transfer mode uses them (per the missing-weights policy)."""
     from tlese.models import create_model
@@ -59,6 +66,7 @@ def run_cxr_stage(arm: Arm, experiment: Experiment, arm_dir: Path, resume: bool 
     stage_dir = arm_dir / "stage1_cxr"
     data = prepare(experiment.cxr, experiment)
     train_table, val_table = data.internal_split(experiment.cxr_recipe.val_fraction, experiment.seed)
+    seed_everything(experiment.seed)
     model, imagenet = new_model(arm, experiment, data.num_classes, views="single")
     recipe = experiment.cxr_recipe
     result = engine.fit(model, make_dataset(train_table, "single", data.task.modality, train=True, recipe=recipe, seed=experiment.seed),
@@ -73,16 +81,18 @@ def run_cxr_stage(arm: Arm, experiment: Experiment, arm_dir: Path, resume: bool 
     return result.best_checkpoint, summary
 
 
-def initial_model(arm: Arm, experiment: Experiment, num_classes: int, arm_dir: Path,
+def initial_model(arm: Arm, experiment: Experiment, num_classes: int, arm_dir: Path, seed: int,
                   resume: bool = True) -> tuple[nn.Module, InitRecord]:
     """The model that stage 2 starts from, with the partial-load report of the CXR backbone when one is used."""
     from tlese.models.weights import load_partial
 
     views = experiment.views
     if not USES_CXR[arm.transfer]:
+        seed_everything(seed)
         model, imagenet = new_model(arm, experiment, num_classes, views)
         return model, InitRecord(imagenet=imagenet)
     checkpoint, summary = run_cxr_stage(arm, experiment, arm_dir, resume=resume)
+    seed_everything(seed)  # the same initial head whether stage 1 ran now or earlier
     model, _ = new_model(Arm(**{**arm.__dict__, "transfer": "scratch"}), experiment, num_classes, views)
     # The CXR head is dropped: class sets differ. Every backbone tensor must arrive, or the chain is broken.
     report = load_partial(model, checkpoint, exclude_prefixes=("head.",), strip_prefix="model.")

@@ -1,0 +1,279 @@
+"""Tasks: which label column, which classes in which order, how raw labels group into classes, which views.
+
+`task.encode(table)` turns an adapter table into a training table with an int `target` (index into
+`task.classes`) and a `target_name`, and says in an `EncodeReport` what it dropped and why:
+
+- rows whose view the task does not use;
+- rows with an empty label (e.g. CMMD benign breasts have no subtype);
+- rows whose label is neither a class nor in `grouping` ("error" policy: ValueError naming the label, the count
+  and an example file; "skip": dropped and counted), or that `grouping` maps to None (excluded on purpose);
+- for two-view tasks, breasts with only one of the views: "drop" removes them, "duplicate" adds a row for the
+  missing view pointing at the available image (column `duplicated_from`), so every breast has both views.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import pandas as pd
+
+ANY_VIEW = "any"
+SINGLE_VIEW_POLICIES = ("drop", "duplicate")
+UNKNOWN_LABEL_POLICIES = ("error", "skip")
+
+
+@dataclass
+class EncodeReport:
+    """What `Task.encode` kept and dropped (counts of rows = images unless named breasts)."""
+
+    task: str
+    rows_in: int
+    rows_out: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows
+    unknown_labels: dict[str, int] = field(default_factory=dict)  # raw label -> rows (skip policy)
+    single_view_breasts: int = 0
+    single_view_policy: str = ""
+    duplicated_rows: int = 0
+    class_counts: dict[str, int] = field(default_factory=dict)  # class -> rows after encoding
+
+    def summary(self) -> str:
+        """One human-readable paragraph, for logs and the CLI."""
+        parts = [f"task {self.task}: kept {self.rows_out} of {self.rows_in} images"]
+        parts += [f"dropped {count} ({reason})" for reason, count in self.dropped.items() if count]
+        if self.unknown_labels:
+            parts.append("unknown labels skipped: " + ", ".join(f"{label!r} x{n}" for label, n in self.unknown_labels.items()))
+        if self.single_view_breasts:
+            action = "dropped" if self.single_view_policy == "drop" else f"completed with {self.duplicated_rows} duplicated image(s)"
+            parts.append(f"{self.single_view_breasts} breast(s) with one view {action}")
+        parts.append("classes: " + ", ".join(f"{name}={count}" for name, count in self.class_counts.items()))
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A classification task over an adapter table.
+
+    `grouping` maps raw label strings to class names (a value of None excludes that raw label on purpose);
+    raw labels equal to a class name need no entry. `views` is ("CC", "MLO") for two-view breast tasks,
+    a single view, or ("any",).
+    """
+
+    name: str
+    label_column: str
+    classes: tuple[str, ...]
+    grouping: Mapping[str, str | None] | None = None
+    modality: str = "mammo"
+    views: tuple[str, ...] = ("CC", "MLO")
+    single_view_policy: str = "duplicate"
+    unknown_label_policy: str = "error"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        # Accept lists (from YAML) but store tuples, so a Task stays immutable.
+        object.__setattr__(self, "classes", tuple(self.classes))
+        object.__setattr__(self, "views", tuple(self.views))
+        if self.grouping is not None:
+            object.__setattr__(self, "grouping", dict(self.grouping))
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"task {self.name}: classes must be at least two distinct names, got {self.classes}")
+        if self.single_view_policy not in SINGLE_VIEW_POLICIES:
+            raise ValueError(f"task {self.name}: single_view_policy must be one of {SINGLE_VIEW_POLICIES}")
+        if self.unknown_label_policy not in UNKNOWN_LABEL_POLICIES:
+            raise ValueError(f"task {self.name}: unknown_label_policy must be one of {UNKNOWN_LABEL_POLICIES}")
+        stray = {target for target in (self.grouping or {}).values() if target is not None and target not in self.classes}
+        if stray:
+            raise ValueError(f"task {self.name}: grouping maps to {sorted(stray)}, which are not in classes {self.classes}")
+        if ANY_VIEW in self.views and len(self.views) > 1:
+            raise ValueError(f"task {self.name}: views ('any',) cannot be combined with named views")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def dual_view(self) -> bool:
+        """True when each item is a breast seen in two views (CC + MLO)."""
+        return len(self.views) == 2
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> "Task":
+        """Build from a dict (e.g. a YAML config section); unknown keys are an error naming them."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(config) - known
+        if unknown:
+            raise ValueError(f"task config: unknown key(s) {sorted(unknown)}; valid: {sorted(known)}")
+        missing = {"name", "label_column", "classes"} - set(config)
+        if missing:
+            raise ValueError(f"task config: missing key(s) {sorted(missing)}")
+        return cls(**dict(config))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["classes"], data["views"] = list(self.classes), list(self.views)
+        return data
+
+    def class_of(self, raw: str) -> str | None:
+        """Class name for a raw label, None when `grouping` excludes it; KeyError when unknown."""
+        if self.grouping is not None and raw in self.grouping:
+            return self.grouping[raw]
+        if raw in self.classes:
+            return raw
+        raise KeyError(raw)
+
+    def encode(self, table: pd.DataFrame) -> tuple[pd.DataFrame, EncodeReport]:
+        """Filter views, map labels to classes, apply the single-view policy; add `target` and `target_name`."""
+        if self.label_column not in table.columns:
+            raise ValueError(f"task {self.name}: the table has no column {self.label_column!r} "
+                             f"(columns: {list(table.columns)})")
+        report = EncodeReport(task=self.name, rows_in=len(table), single_view_policy=self.single_view_policy)
+        work = table.copy()
+        if ANY_VIEW not in self.views:
+            keep = work["view"].isin(self.views)
+            report.dropped[f"view not in {'/'.join(self.views)}"] = int((~keep).sum())
+            work = work[keep]
+
+        raw = work[self.label_column].fillna("").astype(str).str.strip()
+        empty = raw == ""
+        report.dropped["empty label"] = int(empty.sum())
+        work, raw = work[~empty], raw[~empty]
+
+        names, unknown, excluded = [], Counter(), 0
+        for value in raw:
+            try:
+                name = self.class_of(value)
+            except KeyError:
+                unknown[value] += 1
+                name = None
+            else:
+                excluded += name is None
+            names.append(name)
+        if unknown and self.unknown_label_policy == "error":
+            label, count = unknown.most_common(1)[0]
+            example = work["path"].iloc[list(raw).index(label)] if "path" in work.columns else "?"
+            raise ValueError(
+                f"task {self.name}: label {label!r} in column {self.label_column!r} ({count} row(s), e.g. {example}) "
+                f"is not one of {list(self.classes)} nor in the task's grouping"
+                + (f"; {len(unknown) - 1} other unknown label(s)" if len(unknown) > 1 else "")
+                + "; set unknown_label_policy='skip' to drop such rows"
+            )
+        report.unknown_labels = dict(unknown)
+        report.dropped["unknown label"] = sum(unknown.values())
+        report.dropped["label excluded by grouping"] = excluded
+        work = work.assign(target_name=names)
+        work = work[work["target_name"].notna()]
+        work["target"] = work["target_name"].map({name: index for index, name in enumerate(self.classes)}).astype(int)
+
+        if self.dual_view:
+            work = self._complete_views(work, report)
+        report.rows_out = len(work)
+        counts = work["target_name"].value_counts()
+        report.class_counts = {name: int(counts.get(name, 0)) for name in self.classes}
+        report.dropped = {reason: count for reason, count in report.dropped.items() if count}
+        return work.reset_index(drop=True), report
+
+    def _complete_views(self, work: pd.DataFrame, report: EncodeReport) -> pd.DataFrame:
+        """Apply the single-view policy to breasts lacking one of the two views; check breast labels agree."""
+        conflicts = work.groupby(["patient_id", "side"])["target"].nunique()
+        conflicts = conflicts[conflicts > 1]
+        if len(conflicts):
+            patient, side = conflicts.index[0]
+            raise ValueError(f"task {self.name}: {len(conflicts)} breast(s) have images with different labels, "
+                             f"e.g. patient {patient} side {side}; a two-view task needs one label per breast")
+        views_per_breast = work.groupby(["patient_id", "side"])["view"].agg(lambda views: frozenset(views))
+        incomplete = views_per_breast[views_per_breast.map(lambda views: not set(self.views) <= views)]
+        report.single_view_breasts = len(incomplete)
+        if not len(incomplete):
+            return work
+        keys = pd.MultiIndex.from_frame(work[["patient_id", "side"]])
+        in_incomplete = keys.isin(incomplete.index)
+        if self.single_view_policy == "drop":
+            report.dropped["breast lacks a view (policy drop)"] = int(in_incomplete.sum())
+            return work[~in_incomplete]
+        duplicates = []
+        for (patient, side), present in incomplete.items():
+            source = work[(work["patient_id"] == patient) & (work["side"] == side)].iloc[0]
+            for view in self.views:
+                if view not in present:
+                    row = source.copy()
+                    row["duplicated_from"] = source["view"]
+                    row["view"] = view
+                    duplicates.append(row)
+        report.duplicated_rows = len(duplicates)
+        work = work.assign(duplicated_from="")
+        completed = pd.concat([work, pd.DataFrame(duplicates)], ignore_index=True)
+        completed = completed.astype({column: dtype for column, dtype in work.dtypes.items()})
+        return completed.sort_values(["patient_id", "side", "view"], kind="stable")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registry
+
+_TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task, replace: bool = False) -> Task:
+    """Add a task to the registry (ValueError when the name is taken, unless `replace`)."""
+    if task.name in _TASKS and not replace and _TASKS[task.name] != task:
+        raise ValueError(f"task {task.name!r} is already registered")
+    _TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    """The registered task `name`; an unknown name raises ValueError listing the valid ones."""
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; valid: {', '.join(list_tasks())}") from None
+
+
+def list_tasks() -> list[str]:
+    return sorted(_TASKS)
+
+
+SUBTYPES4 = ("Luminal A", "Luminal B", "HER2-enriched", "triple negative")
+_COVID3 = ("covid", "no_findings", "pneumonia")
+# Spellings of the same three classes in DarkCovidNet, COVIDx (V5-V7A) and the COVID-19 Radiography Database.
+_COVID3_GROUPING = {
+    "COVID": "covid", "COVID-19": "covid", "Covid-19": "covid",
+    "Normal": "no_findings", "normal": "no_findings", "No_findings": "no_findings",
+    "Viral Pneumonia": "pneumonia", "Pneumonia": "pneumonia",
+}
+_COVID2_GROUPING = {
+    **{raw: ("covid" if cls == "covid" else "other") for raw, cls in _COVID3_GROUPING.items()},
+    "no_findings": "other", "pneumonia": "other", "Lung_Opacity": "other",
+    "positive": "covid", "negative": "other",  # COVIDx V8+
+}
+
+for _task in (
+    Task("cmmd_subtype4", "subtype", SUBTYPES4, description="CMMD molecular subtype (4 classes), CC+MLO per breast"),
+    Task("cmmd_luminal", "subtype", ("luminal", "non_luminal"),
+         grouping={"Luminal A": "luminal", "Luminal B": "luminal", "HER2-enriched": "non_luminal",
+                   "triple negative": "non_luminal"},
+         description="CMMD Luminal (A+B) vs non-Luminal (HER2-enriched + triple negative)"),
+    Task("cmmd_malignancy", "classification", ("Benign", "Malignant"), description="CMMD benign vs malignant breast"),
+    Task("cbis_malignancy", "pathology", ("benign", "malignant"),
+         grouping={"BENIGN": "benign", "BENIGN_WITHOUT_CALLBACK": "benign", "MALIGNANT": "malignant"},
+         description="CBIS-DDSM breast pathology (worst finding), benign vs malignant"),
+    Task("vindr_density", "breast_density", ("A", "B", "C", "D"),
+         grouping={f"DENSITY {letter}": letter for letter in "ABCD"}, description="VinDr-Mammo breast density A-D"),
+    Task("mias_density", "tissue", ("F", "G", "D"), views=("MLO",),
+         description="mini-MIAS background tissue: fatty, fatty-glandular, dense-glandular"),
+    Task("mias_abnormal", "abnormal", ("normal", "abnormal"), views=("MLO",),
+         description="mini-MIAS normal vs any abnormality"),
+    Task("mias_severity", "severity", ("benign", "malignant"), grouping={"B": "benign", "M": "malignant"},
+         views=("MLO",), description="mini-MIAS benign vs malignant abnormal images (normals have no severity)"),
+    Task("cxr_covid3", "label", _COVID3, grouping=_COVID3_GROUPING, modality="cxr", views=(ANY_VIEW,),
+         description="chest X-ray COVID-19 / no findings / pneumonia (DarkCovidNet classes)"),
+    Task("cxr_covid2", "label", ("covid", "other"), grouping=_COVID2_GROUPING, modality="cxr", views=(ANY_VIEW,),
+         description="chest X-ray COVID-19 vs other"),
+    Task("synth_subtype4", "subtype", SUBTYPES4, description="synthetic CMMD-layout subtypes (tlese synth)"),
+    Task("synth_cxr3", "label", _COVID3, modality="cxr", views=(ANY_VIEW,),
+         description="synthetic chest X-rays (tlese synth)"),
+):
+    register_task(_task)

@@ -1,0 +1,335 @@
+"""The run report: Markdown and self-contained HTML (plots embedded as base64 PNG) written into a run directory.
+
+Plots use `matplotlib.figure.Figure` directly (no pyplot global state, no display needed). HTML is written with the
+standard library only (html.escape + f-strings); tables come from `DataFrame.to_html`, which needs no jinja2.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
+
+from tlese.evaluate.metrics import classification_metrics, predictions_to_arrays
+
+PLOTS_DIR = "plots"
+_LOSS_COLUMNS = ("train_loss", "val_loss")
+_NON_METRIC_COLUMNS = ("epoch", "stage", "fold", "step", "lr", "time", "seconds")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _save(figure: Figure, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_roc_curves(y_true, probs, class_names: Sequence[str], path, title: str = "ROC curves") -> Path:
+    """One-vs-rest ROC curve per class and their macro average (TPR interpolated on a common FPR grid).
+
+    For two classes only the curve of the positive class (``class_names[1]``) is drawn. Classes absent from
+    ``y_true`` (or the only class present) are listed in the legend as "not defined".
+    """
+    y_true = np.asarray(y_true).astype(int)
+    probs = np.asarray(probs, dtype=float)
+    figure = Figure(figsize=(5.5, 5))
+    axes = figure.subplots()
+    grid = np.linspace(0, 1, 201)
+    interpolated = []
+    classes = [1] if len(class_names) == 2 else range(len(class_names))
+    for k in classes:
+        is_positive = y_true == k
+        name = class_names[k]
+        if is_positive.all() or not is_positive.any():
+            axes.plot([], [], " ", label=f"{name}: not defined (one class)")
+            continue
+        fpr, tpr, _ = roc_curve(is_positive, probs[:, k])
+        auc = float(np.trapezoid(tpr, fpr))
+        axes.plot(fpr, tpr, linewidth=1.3, label=f"{name} (AUC {auc:.3f})")
+        interpolated.append(np.interp(grid, fpr, tpr))
+    if len(interpolated) > 1:
+        mean_tpr = np.mean(interpolated, axis=0)
+        mean_tpr[0] = 0.0
+        axes.plot(grid, mean_tpr, color="black", linewidth=2.2, linestyle="--",
+                  label=f"macro average (AUC {np.trapezoid(mean_tpr, grid):.3f})")
+    axes.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
+    axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", title=title)
+    axes.set_aspect("equal")
+    axes.legend(loc="lower right", fontsize=8)
+    return _save(figure, path)
+
+
+def plot_confusion_matrix(cm, class_names: Sequence[str], path, normalise: bool = True,
+                          title: str = "Confusion matrix") -> Path:
+    """Confusion matrix (rows = true class); ``normalise`` colours by row fraction and prints counts and %."""
+    cm = np.asarray(cm, dtype=float)
+    row_totals = cm.sum(axis=1, keepdims=True)
+    fractions = np.divide(cm, row_totals, out=np.zeros_like(cm), where=row_totals > 0)
+    shown = fractions if normalise else cm
+    size = 1.2 + 1.1 * len(class_names)
+    figure = Figure(figsize=(size + 1, size))
+    axes = figure.subplots()
+    image = axes.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalise else max(cm.max(), 1))
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            text = f"{int(cm[i, j])}\n{100 * fractions[i, j]:.0f}%" if normalise else f"{int(cm[i, j])}"
+            colour = "white" if shown[i, j] > 0.6 * (1 if normalise else cm.max()) else "black"
+            axes.text(j, i, text, ha="center", va="center", color=colour, fontsize=9)
+    ticks = range(len(class_names))
+    axes.set_xticks(ticks, class_names, rotation=30, ha="right")
+    axes.set_yticks(ticks, class_names)
+    axes.set(xlabel="predicted", ylabel="true", title=title + (" (row-normalised)" if normalise else ""))
+    return _save(figure, path)
+
+
+def plot_learning_curves(history: pd.DataFrame, path, title: str = "Learning curves") -> Path:
+    """Loss (train solid, validation dashed) and each other metric column against epoch.
+
+    ``history`` has ``epoch``, optionally ``stage`` (one row of panels per stage) and ``fold`` (one line per fold),
+    ``train_loss``/``val_loss`` and any number of metric columns (e.g. ``val_auc``).
+    """
+    if "epoch" not in history.columns:
+        raise ValueError(f"history needs an 'epoch' column; it has {list(history.columns)}")
+    loss_columns = [column for column in _LOSS_COLUMNS if column in history.columns]
+    metric_columns = [column for column in history.columns
+                      if column not in (*_NON_METRIC_COLUMNS, *_LOSS_COLUMNS)
+                      and pd.api.types.is_numeric_dtype(history[column])]
+    panels = (["loss"] if loss_columns else []) + metric_columns
+    if not panels:
+        raise ValueError("history has no loss or metric columns to plot")
+    stages = list(dict.fromkeys(history["stage"])) if "stage" in history.columns else [None]
+    figure = Figure(figsize=(4.2 * len(panels), 3.2 * len(stages)))
+    axes_grid = np.atleast_2d(figure.subplots(len(stages), len(panels), squeeze=False))
+    colours = [f"C{i}" for i in range(10)]
+    for row, stage in enumerate(stages):
+        stage_rows = history if stage is None else history[history["stage"] == stage]
+        folds = list(dict.fromkeys(stage_rows["fold"])) if "fold" in stage_rows.columns else [None]
+        for column_index, panel in enumerate(panels):
+            axes = axes_grid[row, column_index]
+            for fold_index, fold in enumerate(folds):
+                rows = stage_rows if fold is None else stage_rows[stage_rows["fold"] == fold]
+                rows = rows.sort_values("epoch")
+                colour = colours[fold_index % len(colours)]
+                label_prefix = "" if fold is None else f"fold {fold} "
+                for column in (loss_columns if panel == "loss" else [panel]):
+                    style = "--" if column.startswith("val") and panel == "loss" else "-"
+                    axes.plot(rows["epoch"], rows[column], style, color=colour, linewidth=1.2,
+                              label=f"{label_prefix}{column}")
+            axes.set(xlabel="epoch", ylabel=panel, title=panel if stage is None else f"{stage}: {panel}")
+            axes.grid(alpha=0.3)
+            if column_index == 0:
+                axes.legend(fontsize=7)
+    figure.suptitle(title)
+    return _save(figure, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Environment
+
+
+def _package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        completed = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return completed.stdout.strip() if completed.returncode == 0 else None
+
+
+def environment_info(repo_dir=None) -> dict:
+    """Versions, machine and git state, for the report (everything a reader needs to rerun the numbers)."""
+    repo_dir = Path(repo_dir) if repo_dir else Path(__file__).resolve().parent
+    commit = _git(["rev-parse", "HEAD"], repo_dir)
+    status = _git(["status", "--porcelain", "--untracked-files=no"], repo_dir) if commit else None
+    info = {
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "python": sys.version.split()[0],
+        "tlese": _package_version("tlese"),
+        "torch": _package_version("torch"),
+        "torchvision": _package_version("torchvision"),
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "scikit-learn": _package_version("scikit-learn"),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "git_commit": commit or "unknown",
+        "git_dirty": None if status is None else bool(status),
+    }
+    # GPU details only when the caller already imported torch (training does): importing it here costs seconds.
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["cuda"] = torch.version.cuda or "none"
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _format_cell(value) -> str:
+    if isinstance(value, float | np.floating):
+        return "NaN" if not np.isfinite(value) else f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (no `tabulate` dependency); floats with 4 significant digits."""
+    header = [str(column) for column in table.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in table.itertuples(index=False):
+        cells = [_format_cell(value).replace("|", "\\|").replace("\n", " ") for value in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _html_table(table: pd.DataFrame) -> str:
+    return table.to_html(index=False, border=0, classes="table", na_rep="NaN", float_format=lambda v: f"{v:.4g}")
+
+
+def _plain(value):
+    """Config values as YAML-safe builtins (paths, numpy scalars, tuples, dataclass-like objects -> str/list)."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_plain(item) for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def _key_value_table(mapping: dict) -> pd.DataFrame:
+    return pd.DataFrame({"key": list(mapping), "value": [str(value) for value in mapping.values()]})
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table.table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+table.table th, table.table td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+table.table th { background: #f2f2f2; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; }
+img { max-width: 100%; }
+.warning { color: #8a4b00; }
+"""
+
+
+def write_report(
+    run_dir,
+    *,
+    title: str,
+    summary_table: pd.DataFrame,
+    per_fold_table: pd.DataFrame | None,
+    predictions: pd.DataFrame,
+    class_names: Sequence[str],
+    history: pd.DataFrame | None = None,
+    config: dict | None = None,
+    environment: dict | None = None,
+    data_summary: pd.DataFrame | None = None,
+    comparison_table: pd.DataFrame | None = None,
+    notes: Sequence[str] = (),
+) -> dict[str, Path]:
+    """Write ``report.md`` and ``report.html`` (plots in ``run_dir/plots``) and return their paths.
+
+    Sections: metrics (the given summary table: mean ± std over folds, pooled, bootstrap CIs), per-fold metrics,
+    model comparison, ROC curves and confusion matrix of the pooled predictions, learning curves, data summary,
+    notes and warnings (those of the pooled metrics are added), resolved config (YAML), environment.
+    """
+    run_dir = Path(run_dir)
+    plots_dir = run_dir / PLOTS_DIR
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    environment = environment if environment is not None else environment_info()
+
+    y_true, probs = predictions_to_arrays(predictions, class_names)
+    pooled = classification_metrics(y_true, probs, class_names)
+    plots = {
+        "ROC curves (pooled predictions)": plot_roc_curves(y_true, probs, class_names, plots_dir / "roc.png"),
+        "Confusion matrix (pooled predictions)": plot_confusion_matrix(
+            pooled["confusion_matrix"], class_names, plots_dir / "confusion_matrix.png", normalise=True),
+    }
+    if history is not None and len(history):
+        plots["Learning curves"] = plot_learning_curves(history, plots_dir / "learning_curves.png")
+    all_notes = [*notes, *(f"pooled: {note}" for note in pooled["warnings"])]
+
+    n_patients = predictions["patient_id"].nunique() if "patient_id" in predictions.columns else "unknown"
+    n_folds = predictions["fold"].nunique() if "fold" in predictions.columns else "unknown"
+    overview = (f"{len(predictions)} predictions from {n_patients} patients, {n_folds} folds; "
+                f"classes: {', '.join(class_names)}.")
+    tables = [("Metrics", summary_table), ("Per-fold metrics", per_fold_table),
+              ("Model comparison", comparison_table), ("Data summary", data_summary)]
+    config_yaml = yaml.safe_dump(_plain(config or {}), sort_keys=False, allow_unicode=True)
+
+    md_path = run_dir / "report.md"
+    md_path.write_text(_markdown(title, overview, tables, plots, all_notes, config_yaml, environment, run_dir))
+    html_path = run_dir / "report.html"
+    html_path.write_text(_html(title, overview, tables, plots, all_notes, config_yaml, environment))
+    return {"md": md_path, "html": html_path}
+
+
+def _markdown(title, overview, tables, plots, notes, config_yaml, environment, run_dir) -> str:
+    parts = [f"# {title}", "", overview, ""]
+    for heading, table in tables:
+        if table is not None and len(table):
+            parts += [f"## {heading}", "", markdown_table(table), ""]
+    for heading, path in plots.items():
+        parts += [f"## {heading}", "", f"![{heading}]({path.relative_to(run_dir).as_posix()})", ""]
+    if notes:
+        parts += ["## Notes and warnings", "", *(f"- {note}" for note in notes), ""]
+    parts += ["## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
+    parts += ["## Environment", "", markdown_table(_key_value_table(environment)), ""]
+    return "\n".join(parts)
+
+
+def _html(title, overview, tables, plots, notes, config_yaml, environment) -> str:
+    escape = html.escape
+    body = [f"<h1>{escape(title)}</h1>", f"<p>{escape(overview)}</p>"]
+    for heading, table in tables:
+        if table is not None and len(table):
+            body += [f"<h2>{escape(heading)}</h2>", _html_table(table)]
+    for heading, path in plots.items():
+        encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+        body += [f"<h2>{escape(heading)}</h2>",
+                 f'<img alt="{escape(heading)}" src="data:image/png;base64,{encoded}">']
+    if notes:
+        items = "".join(f'<li class="warning">{escape(note)}</li>' for note in notes)
+        body += ["<h2>Notes and warnings</h2>", f"<ul>{items}</ul>"]
+    body += ["<h2>Configuration</h2>", f"<pre>{escape(config_yaml)}</pre>"]
+    body += ["<h2>Environment</h2>", _html_table(_key_value_table(environment))]
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+            f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
