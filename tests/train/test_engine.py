@@ -55,6 +55,7 @@ def test_class_weights_inverse_frequency_and_absent_class():
 
 
 def test_fit_writes_checkpoints_history_and_learns(tmp_path):
+    torch.manual_seed(0)
     result = engine.fit(tiny_model(), Blobs(48, 0), Blobs(16, 1), recipe(), tmp_path, num_classes=2, seed=0)
     assert result.best_checkpoint.is_file() and result.last_checkpoint.is_file()
     assert list(result.history["epoch"]) == [0, 1, 2, 3]

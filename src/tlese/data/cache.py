@@ -28,7 +28,8 @@ from tlese.data.preprocess import PREPROCESS_VERSION, PreprocessParams
 
 MANIFEST_NAME = "manifest.csv"
 PARAMS_NAME = "params.json"
-MANIFEST_COLUMNS = ("source", "size", "mtime_ns", "side", "view", "prepared", "view_in_file", "side_in_file")
+MANIFEST_COLUMNS = ("source", "size", "mtime_ns", "side", "view", "prepared", "view_in_file", "side_in_file",
+                    "facing", "flipped")
 
 
 @dataclass
@@ -41,6 +42,8 @@ class PrepareSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source path, reason)
     seconds: float = 0.0
     cache_dir: str = ""
+    # Sources whose image content faces the other way from their side label (prepared as labelled; check them).
+    facing_mismatch: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [
@@ -49,6 +52,10 @@ class PrepareSummary:
             f"cache: {self.cache_dir}",
         ]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
+        if self.facing_mismatch:
+            lines.append(f"  {len(self.facing_mismatch)} image(s) face the other way from their side label "
+                         "(prepared as labelled; check the label or the file):")
+            lines += [f"    {path}" for path in self.facing_mismatch]
         return "\n".join(lines)
 
 
@@ -131,6 +138,10 @@ def prepare_table(
     for key, job in jobs.items():
         if key not in todo and job[0] not in manifest:
             manifest[job[0]] = _manifest_row(job, {})
+        entry = manifest.get(job[0], {})
+        labelled = job[1] or entry.get("side_in_file")
+        if job[0] not in failures and labelled and entry.get("facing") and entry["facing"] != labelled:
+            summary.facing_mismatch.append(job[0])
     _write_manifest(out_dir, manifest)
 
     prepared_paths = [
@@ -155,13 +166,13 @@ def prepare_table(
 def _prepare_one(job: tuple, params_dict: dict) -> tuple[bool, dict | str]:
     """Runs in a worker: read, check, preprocess, write. Returns (True, header info) or (False, reason)."""
     from tlese.data.io import ImageReadError, check_header_against, read_image
-    from tlese.data.preprocess import preprocess_image
+    from tlese.data.preprocess import preprocess_with_info
 
     source, side, view, out_path = job
     try:
         pixels, header = read_image(source)
         check_header_against(header, view, side, source)
-        image = preprocess_image(pixels, side or header.side, PreprocessParams.from_dict(params_dict))
+        image, found = preprocess_with_info(pixels, side or header.side, PreprocessParams.from_dict(params_dict))
         write_png16(image, out_path)
     except ImageReadError as error:
         return False, error.reason
@@ -169,7 +180,8 @@ def _prepare_one(job: tuple, params_dict: dict) -> tuple[bool, dict | str]:
         return False, "out of memory while preparing"
     except Exception as error:  # one bad file must never stop the run; report it instead
         return False, f"{type(error).__name__}: {error}"
-    return True, {"view_in_file": header.view or "", "side_in_file": header.side or ""}
+    return True, {"view_in_file": header.view or "", "side_in_file": header.side or "",
+                  "facing": found["facing"] or "", "flipped": int(found["flipped"])}
 
 
 def _init_worker() -> None:
@@ -225,7 +237,7 @@ def _manifest_row(job: tuple, info: dict) -> dict:
     return {
         "source": source, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "side": side or "",
         "view": view or "", "prepared": Path(out_path).name,
-        "view_in_file": info.get("view_in_file", ""), "side_in_file": info.get("side_in_file", ""),
+        **{key: info.get(key, "") for key in ("view_in_file", "side_in_file", "facing", "flipped")},
     }
 
 

@@ -330,6 +330,10 @@ def _decode(ds, path: Path) -> np.ndarray:
         # pylibjpeg's compiled RLE decoder is ~4x faster than pydicom's pure-Python one.
         if "pylibjpeg" in decoder.available_plugins:
             plugin = "pylibjpeg"
+            if uid == "1.2.840.10008.1.2.5":
+                fast = _decode_rle_fast(ds, path)
+                if fast is not None:
+                    return fast
     try:
         return pixel_array(ds, decoding_plugin=plugin) if plugin else ds.pixel_array
     except ImageReadError:
@@ -337,6 +341,34 @@ def _decode(ds, path: Path) -> np.ndarray:
     except Exception as error:  # decoders raise ValueError/RuntimeError/... for corrupt or short data
         reason = " ".join(str(error).split())[:400] or type(error).__name__
         raise ImageReadError(path, f"cannot decode pixel data (truncated or corrupt?): {reason}") from None
+
+
+def _decode_rle_fast(ds, path: Path) -> np.ndarray | None:
+    """Single-frame unsigned grayscale RLE straight through pylibjpeg-rle, or None when not applicable.
+
+    pydicom's generic path copies the decoded frame into a fresh array (~50 ms of a ~150 ms full-field
+    mammogram); here the decoder's buffer is used as is.
+    """
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("PixelRepresentation", 0)) != 0:
+        return None
+    bits = int(ds.get("BitsAllocated", 0))
+    if bits not in (8, 16):
+        return None
+    try:
+        from pydicom.encaps import generate_frames
+        from rle.utils import decode_frame
+    except ImportError:
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        data = decode_frame(frame, rows * cols, bits, "<")
+    except Exception as error:
+        reason = " ".join(str(error).split())[:400] or type(error).__name__
+        raise ImageReadError(path, f"cannot decode RLE pixel data (truncated or corrupt?): {reason}") from None
+    if len(data) != rows * cols * bits // 8:
+        raise ImageReadError(path, f"RLE frame decodes to {len(data)} bytes, expected {rows * cols * bits // 8}")
+    return np.frombuffer(data, dtype="<u2" if bits == 16 else np.uint8).reshape(rows, cols)
 
 
 def _apply_luts(raw: np.ndarray, ds, path: Path) -> np.ndarray:

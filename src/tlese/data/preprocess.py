@@ -8,7 +8,9 @@ whole image. All pure functions: array in, new array out, inputs never modified.
 Orientation convention (checked on CBIS-DDSM and mini-MIAS): in a stored mammogram a LEFT breast has its chest wall
 at the left image edge, so its tissue mass lies in the left half; a right breast is the mirror image. Orienting to
 COMMON_SIDE = L therefore flips right breasts horizontally. When the side is unknown it is inferred from the
-mask: tissue mass mostly in the right half means a right-facing breast. After a mammogram is prepared the chest
+mask (`infer_side`). A given side is trusted (predictable, like a radiologist's hanging protocol); an image
+whose content faces the other way (mini-MIAS mdb151/mdb152 do) is reported by `tlese.data.cache` as a facing
+mismatch rather than silently re-flipped. After a mammogram is prepared the chest
 wall is at column 0 and the padding (when the breast is narrower than tall) is on the right.
 
 Speed: the mask is computed on a strided copy whose longer side is about `MASK_MAX_SIDE` pixels (a full-field
@@ -147,11 +149,17 @@ def _crop_box(pixels: np.ndarray, small_mask: np.ndarray, stride: int) -> tuple[
             max(0, (c0 - 1) * stride), min(width, (c1 + 1) * stride))
 
 
-def crop_to_breast(pixels: np.ndarray) -> np.ndarray:
-    """Copy of `pixels` cropped to the bounding box of the breast mask (plus a small margin)."""
+def breast_box(pixels: np.ndarray) -> tuple[int, int, int, int]:
+    """(row_start, row_stop, col_start, col_stop) of the breast in full-resolution pixels, with a small margin;
+    the whole image when no breast is found."""
     _check_2d(pixels)
     small, stride = _mask_and_stride(pixels)
-    r0, r1, c0, c1 = _crop_box(pixels, small, stride)
+    return _crop_box(pixels, small, stride)
+
+
+def crop_to_breast(pixels: np.ndarray) -> np.ndarray:
+    """Copy of `pixels` cropped to `breast_box(pixels)`."""
+    r0, r1, c0, c1 = breast_box(pixels)
     return pixels[r0:r1, c0:c1].copy()
 
 
@@ -160,13 +168,23 @@ def crop_to_breast(pixels: np.ndarray) -> np.ndarray:
 
 
 def infer_side(mask: np.ndarray) -> str | None:
-    """"L" when the mask's mass lies mostly in the left half of the image, "R" otherwise; None for an empty mask."""
-    column_mass = mask.sum(axis=0, dtype=np.float64)
-    total = column_mass.sum()
-    if total == 0:
+    """Which way the breast in `mask` faces: "L" when its chest wall is at the left, "R" at the right; None for an
+    empty mask.
+
+    The chest wall is a straight edge the breast covers fully, the other side ends in the curved skin line: inside
+    the mask's bounding box, the outer 5 % of columns on each side are compared (robust both for a breast centred
+    in the film, as in mini-MIAS, and for one filling the whole width); a tie falls back to the centre of mass.
+    """
+    columns = np.flatnonzero(mask.any(axis=0))
+    if columns.size == 0:
         return None
-    centre = (column_mass * np.arange(mask.shape[1])).sum() / total
-    return "L" if centre < (mask.shape[1] - 1) / 2.0 else "R"
+    coverage = mask[:, columns[0]: columns[-1] + 1].sum(axis=0, dtype=np.float64)
+    band = max(1, round(coverage.size * 0.05))
+    left_edge, right_edge = coverage[:band].mean(), coverage[-band:].mean()
+    if left_edge != right_edge:
+        return "L" if left_edge > right_edge else "R"
+    centre = (coverage * np.arange(coverage.size)).sum() / coverage.sum()
+    return "L" if centre < (coverage.size - 1) / 2.0 else "R"
 
 
 def _needs_flip(side: str | None, mask_for_inference) -> bool:
@@ -261,21 +279,32 @@ def preprocess_image(pixels: np.ndarray, side: str | None, params: PreprocessPar
 
     This is the single function used at training time (through the cache) and at prediction time.
     """
+    return preprocess_with_info(pixels, side, params)[0]
+
+
+def preprocess_with_info(
+    pixels: np.ndarray, side: str | None, params: PreprocessParams | None = None
+) -> tuple[np.ndarray, dict]:
+    """`preprocess_image` plus what it found: {"facing": side the image content faces (mammo; None for cxr or a
+    blank image), "flipped": bool, "crop_box": (r0, r1, c0, c1)}."""
     from scipy import ndimage
 
     params = params or PreprocessParams()
     _check_2d(pixels)
+    side = _side_value(side)
+    full_box = (0, pixels.shape[0], 0, pixels.shape[1])
     if params.modality == "cxr":
         resized = _resize_for(pixels, params)
-        return _pad(normalise_intensity(resized, None, params.low_pct, params.high_pct), params.size, "center")
+        image = normalise_intensity(resized, None, params.low_pct, params.high_pct)
+        return _pad(image, params.size, "center"), {"facing": None, "flipped": False, "crop_box": full_box}
 
     small_mask, stride = _mask_and_stride(pixels)
-    full_box = (0, pixels.shape[0], 0, pixels.shape[1])
     r0, r1, c0, c1 = _crop_box(pixels, small_mask, stride) if params.crop else full_box
     region = pixels[r0:r1, c0:c1]
-    # The low-res mask restricted to the same region, as a float map resized alongside the pixels.
+    # The low-res mask restricted to the same region, resized alongside the pixels.
     mask_region = small_mask[r0 // stride: -(-r1 // stride), c0 // stride: -(-c1 // stride)]
-    flip = params.orient and _needs_flip(side, lambda: small_mask)
+    facing = infer_side(small_mask)
+    flip = params.orient and (side or facing) not in (None, COMMON_SIDE.value)
     resized = _resize_for(region, params)
     mask = _resize(mask_region.astype(np.float32), *resized.shape) > 0.5
     if params.mask_background:
@@ -285,7 +314,8 @@ def preprocess_image(pixels: np.ndarray, side: str | None, params: PreprocessPar
         image[~mask] = 0.0
     if flip:
         image = image[:, ::-1]
-    return _pad(image, params.size, "left") if params.keep_aspect else np.ascontiguousarray(image)
+    image = _pad(image, params.size, "left") if params.keep_aspect else np.ascontiguousarray(image)
+    return image, {"facing": facing, "flipped": bool(flip), "crop_box": (r0, r1, c0, c1)}
 
 
 def _resize_for(pixels: np.ndarray, params: PreprocessParams) -> np.ndarray:

@@ -61,15 +61,21 @@ def make_folds(table: pd.DataFrame, k: int = 5, seed: int = 0, stratify_column: 
     if len(patients) < k:
         raise ValueError(f"{len(patients)} patient(s) cannot fill {k} folds")
     fold_of = np.empty(len(patients), dtype=int)
-    if stratify_column:
-        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-        splits = splitter.split(patients, labels.to_numpy())
+    stratify = bool(stratify_column)
+    if stratify and labels.value_counts().max() < k:
+        # StratifiedKFold refuses when every class has fewer patients than folds; tiny sets get plain folds.
+        warnings.warn(f"every class has fewer than {k} patients: folds are not stratified", UserWarning, stacklevel=2)
+        stratify = False
+    if stratify:
+        splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(patients, labels.to_numpy())
     else:
         splits = KFold(n_splits=k, shuffle=True, random_state=seed).split(patients)
     for fold, (_, test_index) in enumerate(splits):
         fold_of[test_index] = fold
-    folds = pd.DataFrame({"patient_id": patients.astype(str), "fold": fold_of}).sort_values("patient_id", ignore_index=True)
-    folds.attrs.update(k=k, seed=seed, data_hash=table_fingerprint(table, stratify_column), stratify_column=stratify_column)
+    folds = pd.DataFrame({"patient_id": patients.astype(str), "fold": fold_of})
+    folds = folds.sort_values("patient_id", ignore_index=True)
+    folds.attrs.update(k=k, seed=seed, data_hash=table_fingerprint(table, stratify_column),
+                       stratify_column=stratify_column)
     return folds
 
 
@@ -149,8 +155,10 @@ def load_folds(path: str | Path, table: pd.DataFrame | None = None) -> pd.DataFr
         _check_covers(folds, table, str(path))
         stratify = meta.get("stratify_column")
         expected = meta.get("data_hash")
-        if expected and (stratify is None or stratify in table.columns) and table_fingerprint(table, stratify) != expected:
-            warnings.warn(f"{path}: the table differs from the one these folds were made from (data hash)", UserWarning, stacklevel=2)
+        comparable = stratify is None or stratify in table.columns
+        if expected and comparable and table_fingerprint(table, stratify) != expected:
+            warnings.warn(f"{path}: the table differs from the one these folds were made from (data hash)",
+                          UserWarning, stacklevel=2)
     return folds
 
 
@@ -217,12 +225,16 @@ def split_train_val(
     test, rest = table[in_test], table[~in_test]
     val_patients: set[str] = set()
     if val_fraction > 0 and len(rest):
-        labels = patient_labels(rest, stratify_column) if stratify_column in rest.columns else pd.Series(0, index=sorted(set(rest["patient_id"])))
+        if stratify_column in rest.columns:
+            labels = patient_labels(rest, stratify_column)
+        else:
+            labels = pd.Series(0, index=sorted(set(rest["patient_id"])))
         n_val = max(1, int(round(val_fraction * len(labels))))
         if n_val >= len(labels):
             raise ValueError(f"val_fraction {val_fraction} leaves no training patient ({len(labels)} available)")
         try:
-            _, val_ids = train_test_split(labels.index.to_numpy(), test_size=n_val, random_state=seed, stratify=labels.to_numpy())
+            _, val_ids = train_test_split(labels.index.to_numpy(), test_size=n_val, random_state=seed,
+                                          stratify=labels.to_numpy())
         except ValueError:  # a class with a single patient, or fewer val patients than classes
             _, val_ids = train_test_split(labels.index.to_numpy(), test_size=n_val, random_state=seed)
         val_patients = set(map(str, val_ids))

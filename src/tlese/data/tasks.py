@@ -7,8 +7,9 @@
 - rows with an empty label (e.g. CMMD benign breasts have no subtype);
 - rows whose label is neither a class nor in `grouping` ("error" policy: ValueError naming the label, the count
   and an example file; "skip": dropped and counted), or that `grouping` maps to None (excluded on purpose);
-- for two-view tasks, breasts with only one of the views: "drop" removes them, "duplicate" adds a row for the
-  missing view pointing at the available image (column `duplicated_from`), so every breast has both views.
+- for two-view tasks, breasts with only one of the views: "drop" removes them; "duplicate" keeps them, flagged
+  in a boolean column `single_view`, and `tlese.data.loader.BreastDataset` shows the available image in both
+  slots (no rows are copied, so per-image counts stay true).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ class EncodeReport:
     unknown_labels: dict[str, int] = field(default_factory=dict)  # raw label -> rows (skip policy)
     single_view_breasts: int = 0
     single_view_policy: str = ""
-    duplicated_rows: int = 0
     class_counts: dict[str, int] = field(default_factory=dict)  # class -> rows after encoding
 
     def summary(self) -> str:
@@ -43,9 +43,10 @@ class EncodeReport:
         parts = [f"task {self.task}: kept {self.rows_out} of {self.rows_in} images"]
         parts += [f"dropped {count} ({reason})" for reason, count in self.dropped.items() if count]
         if self.unknown_labels:
-            parts.append("unknown labels skipped: " + ", ".join(f"{label!r} x{n}" for label, n in self.unknown_labels.items()))
+            skipped = ", ".join(f"{label!r} x{count}" for label, count in self.unknown_labels.items())
+            parts.append(f"unknown labels skipped: {skipped}")
         if self.single_view_breasts:
-            action = "dropped" if self.single_view_policy == "drop" else f"completed with {self.duplicated_rows} duplicated image(s)"
+            action = "dropped" if self.single_view_policy == "drop" else "kept (view duplicated at load time)"
             parts.append(f"{self.single_view_breasts} breast(s) with one view {action}")
         parts.append("classes: " + ", ".join(f"{name}={count}" for name, count in self.class_counts.items()))
         return "; ".join(parts)
@@ -85,11 +86,17 @@ class Task:
             raise ValueError(f"task {self.name}: single_view_policy must be one of {SINGLE_VIEW_POLICIES}")
         if self.unknown_label_policy not in UNKNOWN_LABEL_POLICIES:
             raise ValueError(f"task {self.name}: unknown_label_policy must be one of {UNKNOWN_LABEL_POLICIES}")
-        stray = {target for target in (self.grouping or {}).values() if target is not None and target not in self.classes}
+        targets = set((self.grouping or {}).values()) - {None}
+        stray = targets - set(self.classes)
         if stray:
-            raise ValueError(f"task {self.name}: grouping maps to {sorted(stray)}, which are not in classes {self.classes}")
+            raise ValueError(f"task {self.name}: grouping maps to {sorted(stray)}, "
+                             f"which are not in classes {self.classes}")
         if ANY_VIEW in self.views and len(self.views) > 1:
             raise ValueError(f"task {self.name}: views ('any',) cannot be combined with named views")
+
+    def __hash__(self) -> int:
+        # `grouping` is a dict (unhashable); name, column and classes identify a task well enough for hashing.
+        return hash((self.name, self.label_column, self.classes))
 
     @property
     def num_classes(self) -> int:
@@ -188,26 +195,15 @@ class Task:
         incomplete = views_per_breast[views_per_breast.map(lambda views: not set(self.views) <= views)]
         report.single_view_breasts = len(incomplete)
         if not len(incomplete):
-            return work
+            return work.assign(single_view=False)
         keys = pd.MultiIndex.from_frame(work[["patient_id", "side"]])
         in_incomplete = keys.isin(incomplete.index)
         if self.single_view_policy == "drop":
             report.dropped["breast lacks a view (policy drop)"] = int(in_incomplete.sum())
-            return work[~in_incomplete]
-        duplicates = []
-        for (patient, side), present in incomplete.items():
-            source = work[(work["patient_id"] == patient) & (work["side"] == side)].iloc[0]
-            for view in self.views:
-                if view not in present:
-                    row = source.copy()
-                    row["duplicated_from"] = source["view"]
-                    row["view"] = view
-                    duplicates.append(row)
-        report.duplicated_rows = len(duplicates)
-        work = work.assign(duplicated_from="")
-        completed = pd.concat([work, pd.DataFrame(duplicates)], ignore_index=True)
-        completed = completed.astype({column: dtype for column, dtype in work.dtypes.items()})
-        return completed.sort_values(["patient_id", "side", "view"], kind="stable")
+            return work[~in_incomplete].assign(single_view=False)
+        # "duplicate": keep the breast; BreastDataset fills the missing view with the present image at load time.
+        # Rows are flagged rather than copied, so per-image counts and metrics do not count an image twice.
+        return work.assign(single_view=in_incomplete)
 
 
 # ---------------------------------------------------------------------------------------------------------------

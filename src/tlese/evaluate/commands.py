@@ -10,14 +10,15 @@ import yaml
 
 from tlese.evaluate.metrics import class_names_from_columns
 from tlese.evaluate.report import environment_info, write_report
-from tlese.evaluate.tables import fold_warnings, per_fold_table, summary_table
+from tlese.evaluate.tables import per_fold_table, summary_table
 
 
 def register(subparsers) -> None:
     """Add the ``report`` command."""
     parser = subparsers.add_parser(
         "report", help="metrics, bootstrap CIs and an HTML/Markdown report from a predictions CSV",
-        description=__doc__,
+        description="Recompute metrics (per fold, pooled, patient-level bootstrap CIs) from a saved predictions CSV "
+        "and write report.md, report.html and plots/ into --out.",
     )
     parser.add_argument("--predictions", required=True, type=Path, help="predictions CSV (fold, patient_id, ..., "
                         "target, pred, prob_<class>)")
@@ -43,7 +44,6 @@ def run_report(args: argparse.Namespace) -> int:
     summary = summary_table(predictions, class_names, n_boot=args.n_boot, seed=args.seed)
     per_fold = per_fold_table(predictions, class_names) if "fold" in predictions.columns else None
     notes = [f"bootstrap: {args.n_boot} patient-level resamples, seed {args.seed}; source {args.predictions}"]
-    notes += fold_warnings(predictions, class_names) if per_fold is not None else []
     paths = write_report(
         args.out, title=args.title or f"Evaluation of {args.predictions.name}", summary_table=summary,
         per_fold_table=per_fold, predictions=predictions, class_names=class_names, history=history,

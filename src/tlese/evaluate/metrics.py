@@ -60,7 +60,9 @@ def _validate(y_true, probs, class_names) -> tuple[np.ndarray, np.ndarray]:
     if len(y_true) == 0:
         raise ValueError("no predictions to evaluate")
     if y_true.min() < 0 or y_true.max() >= num_classes:
-        raise ValueError(f"targets must be integers in [0, {num_classes - 1}]; got range {y_true.min()}..{y_true.max()}")
+        raise ValueError(
+            f"targets must be integers in [0, {num_classes - 1}]; got range {y_true.min()}..{y_true.max()}"
+        )
     if not np.isfinite(probs).all():
         raise ValueError("probs contain NaN or infinite values")
     return y_true, probs
@@ -105,7 +107,7 @@ def classification_metrics(y_true, probs, class_names: Sequence[str]) -> dict:
             "support": int(positives),
         }
         if positives == 0:
-            notes.append(f"class '{name}' is absent from the targets (n={len(y_true)}): its AUC and sensitivity are NaN")
+            notes.append(f"class '{name}' is absent from the targets (n={len(y_true)}): AUC and sensitivity are NaN")
         elif negatives == 0:
             notes.append(f"only class '{name}' is present in the targets (n={len(y_true)}): AUCs are NaN")
 
@@ -163,7 +165,8 @@ def summarise_folds(per_fold: list[dict]) -> dict[str, dict]:
     flat_folds = [flatten_metrics(fold) if "per_class" in fold else fold for fold in per_fold]
     names: list[str] = []
     for fold in flat_folds:
-        names += [key for key, value in fold.items() if key not in names and key not in ("n", "fold") and np.isscalar(value)]
+        names += [key for key, value in fold.items()
+                  if key not in names and key not in ("n", "fold") and np.isscalar(value)]
     summary = {}
     for name in names:
         values = np.array([fold.get(name, np.nan) for fold in flat_folds], dtype=float)

@@ -21,9 +21,11 @@ import numpy as np
 import pandas as pd
 import yaml
 from matplotlib.figure import Figure
+from sklearn.metrics import auc as area_under_curve
 from sklearn.metrics import roc_curve
 
 from tlese.evaluate.metrics import classification_metrics, predictions_to_arrays
+from tlese.evaluate.tables import fold_warnings
 
 PLOTS_DIR = "plots"
 _LOSS_COLUMNS = ("train_loss", "val_loss")
@@ -61,14 +63,14 @@ def plot_roc_curves(y_true, probs, class_names: Sequence[str], path, title: str 
             axes.plot([], [], " ", label=f"{name}: not defined (one class)")
             continue
         fpr, tpr, _ = roc_curve(is_positive, probs[:, k])
-        auc = float(np.trapezoid(tpr, fpr))
+        auc = float(area_under_curve(fpr, tpr))
         axes.plot(fpr, tpr, linewidth=1.3, label=f"{name} (AUC {auc:.3f})")
         interpolated.append(np.interp(grid, fpr, tpr))
     if len(interpolated) > 1:
         mean_tpr = np.mean(interpolated, axis=0)
         mean_tpr[0] = 0.0
         axes.plot(grid, mean_tpr, color="black", linewidth=2.2, linestyle="--",
-                  label=f"macro average (AUC {np.trapezoid(mean_tpr, grid):.3f})")
+                  label=f"macro average (AUC {area_under_curve(grid, mean_tpr):.3f})")
     axes.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
     axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", title=title)
     axes.set_aspect("equal")
@@ -100,6 +102,11 @@ def plot_confusion_matrix(cm, class_names: Sequence[str], path, normalise: bool 
     return _save(figure, path)
 
 
+def _fold_label(fold) -> str:
+    # A fold column holding NaN for an un-folded stage is float: show 0.0 as 0.
+    return str(int(fold)) if isinstance(fold, float | np.floating) and float(fold).is_integer() else str(fold)
+
+
 def plot_learning_curves(history: pd.DataFrame, path, title: str = "Learning curves") -> Path:
     """Loss (train solid, validation dashed) and each other metric column against epoch.
 
@@ -115,20 +122,23 @@ def plot_learning_curves(history: pd.DataFrame, path, title: str = "Learning cur
     panels = (["loss"] if loss_columns else []) + metric_columns
     if not panels:
         raise ValueError("history has no loss or metric columns to plot")
-    stages = list(dict.fromkeys(history["stage"])) if "stage" in history.columns else [None]
-    figure = Figure(figsize=(4.2 * len(panels), 3.2 * len(stages)))
+    stages = list(pd.unique(history["stage"].dropna())) if "stage" in history.columns else []
+    stages = stages or [None]
+    figure = Figure(figsize=(4.2 * len(panels), 3.2 * len(stages)), layout="constrained")
     axes_grid = np.atleast_2d(figure.subplots(len(stages), len(panels), squeeze=False))
     colours = [f"C{i}" for i in range(10)]
     for row, stage in enumerate(stages):
         stage_rows = history if stage is None else history[history["stage"] == stage]
-        folds = list(dict.fromkeys(stage_rows["fold"])) if "fold" in stage_rows.columns else [None]
+        # A stage trained once (e.g. the CXR stage, not cross-validated) has no fold (NaN or ""): one line then.
+        folds = list(pd.unique(stage_rows["fold"].dropna())) if "fold" in stage_rows.columns else []
+        folds = [fold for fold in folds if str(fold).strip() != ""] or [None]
         for column_index, panel in enumerate(panels):
             axes = axes_grid[row, column_index]
             for fold_index, fold in enumerate(folds):
                 rows = stage_rows if fold is None else stage_rows[stage_rows["fold"] == fold]
                 rows = rows.sort_values("epoch")
                 colour = colours[fold_index % len(colours)]
-                label_prefix = "" if fold is None else f"fold {fold} "
+                label_prefix = "" if fold is None else f"fold {_fold_label(fold)} "
                 for column in (loss_columns if panel == "loss" else [panel]):
                     style = "--" if column.startswith("val") and panel == "loss" else "-"
                     axes.plot(rows["epoch"], rows[column], style, color=colour, linewidth=1.2,
@@ -269,7 +279,8 @@ def write_report(
 
     Sections: metrics (the given summary table: mean ± std over folds, pooled, bootstrap CIs), per-fold metrics,
     model comparison, ROC curves and confusion matrix of the pooled predictions, learning curves, data summary,
-    notes and warnings (those of the pooled metrics are added), resolved config (YAML), environment.
+    notes and warnings (the per-fold and pooled metric warnings are added), resolved config (YAML), environment.
+    The tables are also saved at full precision as CSV in ``run_dir/tables``.
     """
     run_dir = Path(run_dir)
     plots_dir = run_dir / PLOTS_DIR
@@ -285,12 +296,22 @@ def write_report(
     }
     if history is not None and len(history):
         plots["Learning curves"] = plot_learning_curves(history, plots_dir / "learning_curves.png")
-    all_notes = [*notes, *(f"pooled: {note}" for note in pooled["warnings"])]
+    # Fold warnings belong with a per-fold table (a per-model report); a comparison report passes its own notes.
+    has_folds = per_fold_table is not None and "fold" in predictions.columns
+    metric_warnings = fold_warnings(predictions, class_names) if has_folds else []
+    metric_warnings += [f"pooled: {note}" for note in pooled["warnings"]]
+    all_notes = list(dict.fromkeys([*notes, *metric_warnings]))  # callers may already have passed fold warnings
 
     n_patients = predictions["patient_id"].nunique() if "patient_id" in predictions.columns else "unknown"
     n_folds = predictions["fold"].nunique() if "fold" in predictions.columns else "unknown"
     overview = (f"{len(predictions)} predictions from {n_patients} patients, {n_folds} folds; "
                 f"classes: {', '.join(class_names)}.")
+    named_tables = {"summary": summary_table, "per_fold": per_fold_table, "comparison": comparison_table,
+                    "data_summary": data_summary}
+    (run_dir / "tables").mkdir(exist_ok=True)
+    for name, table in named_tables.items():
+        if table is not None:
+            table.to_csv(run_dir / "tables" / f"{name}.csv", index=False)
     tables = [("Metrics", summary_table), ("Per-fold metrics", per_fold_table),
               ("Model comparison", comparison_table), ("Data summary", data_summary)]
     config_yaml = yaml.safe_dump(_plain(config or {}), sort_keys=False, allow_unicode=True)
@@ -302,11 +323,30 @@ def write_report(
     return {"md": md_path, "html": html_path}
 
 
+METRICS_EXPLAINED = (
+    "mean ± std: over folds (sample standard deviation; n_folds = folds where the metric is defined). "
+    "pooled: all out-of-fold predictions together, with a percentile bootstrap CI that resamples patients "
+    "(n_boot_used = resamples where the metric was defined). Full-precision tables: tables/*.csv."
+)
+
+
+def _display_summary(summary: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """The readable columns of a `tlese.evaluate.tables.summary_table` and their explanation; other tables as given."""
+    ci_columns = [column for column in summary.columns if str(column).startswith("pooled (")]
+    wanted = ["metric", "mean ± std", "n_folds", *ci_columns, "n_boot_used"]
+    if ci_columns and all(column in summary.columns for column in wanted):
+        return summary[wanted], METRICS_EXPLAINED
+    return summary, None
+
+
 def _markdown(title, overview, tables, plots, notes, config_yaml, environment, run_dir) -> str:
     parts = [f"# {title}", "", overview, ""]
     for heading, table in tables:
         if table is not None and len(table):
-            parts += [f"## {heading}", "", markdown_table(table), ""]
+            table, explanation = _display_summary(table) if heading == "Metrics" else (table, None)
+            parts += [f"## {heading}", ""]
+            parts += [explanation, ""] if explanation else []
+            parts += [markdown_table(table), ""]
     for heading, path in plots.items():
         parts += [f"## {heading}", "", f"![{heading}]({path.relative_to(run_dir).as_posix()})", ""]
     if notes:
@@ -321,7 +361,10 @@ def _html(title, overview, tables, plots, notes, config_yaml, environment) -> st
     body = [f"<h1>{escape(title)}</h1>", f"<p>{escape(overview)}</p>"]
     for heading, table in tables:
         if table is not None and len(table):
-            body += [f"<h2>{escape(heading)}</h2>", _html_table(table)]
+            table, explanation = _display_summary(table) if heading == "Metrics" else (table, None)
+            body += [f"<h2>{escape(heading)}</h2>"]
+            body += [f"<p>{escape(explanation)}</p>"] if explanation else []
+            body += [f'<div style="overflow-x: auto">{_html_table(table)}</div>']
     for heading, path in plots.items():
         encoded = base64.b64encode(path.read_bytes()).decode("ascii")
         body += [f"<h2>{escape(heading)}</h2>",

@@ -20,6 +20,7 @@ from tlese.evaluate.metrics import (
     fold_metrics,
     flatten_metrics,
     per_class_key,
+    prob_column,
     predictions_to_arrays,
     summarise_folds,
 )
@@ -47,7 +48,8 @@ def format_mean_std(mean: float, std: float, digits: int = 3) -> str:
 
 def per_fold_table(predictions: pd.DataFrame, class_names: Sequence[str]) -> pd.DataFrame:
     """One row per fold: ``fold, n`` and every metric (global, then per class), NaN where undefined."""
-    rows = [{"fold": fold["fold"], "n": fold["n"], **flatten_metrics(fold)} for fold in fold_metrics(predictions, class_names)]
+    folds = fold_metrics(predictions, class_names)
+    rows = [{"fold": fold["fold"], "n": fold["n"], **flatten_metrics(fold)} for fold in folds]
     return pd.DataFrame(rows, columns=["fold", "n", *_metric_order(class_names)])
 
 
@@ -106,9 +108,10 @@ def comparison_table(
 ) -> pd.DataFrame:
     """Each model against ``reference`` on the same cases: difference, paired patient-bootstrap 95% CI and p-value.
 
-    One row per (model, metric) with ``metric_model, metric_reference, diff, ci_low, ci_high, p_value``; for each
-    class, a ``auc (<class>) [DeLong]`` row with DeLong's one-vs-rest test (Holm-adjusted over classes in
-    ``p_holm``; DeLong treats rows as independent, see `tlese.evaluate.stats`).
+    One row per (model, metric) with ``metric_model, metric_reference, diff, ci_low, ci_high, p_value``; then per
+    class an ``auc (<class>)`` row with DeLong's one-vs-rest test, Holm-adjusted over the classes in ``p_holm``.
+    DeLong assumes independent cases, so it runs on per-patient mean probabilities (one case per patient and
+    target), not on the correlated images; its AUCs are therefore patient-level.
     """
     if reference not in predictions_by_model:
         raise ValueError(f"reference model '{reference}' not among {list(predictions_by_model)}")
@@ -129,12 +132,16 @@ def comparison_table(
                          "p_value": result["p_value"], "p_holm": np.nan})
         id_columns = [column for column in ("patient_id", "side", "view") if column in predictions.columns]
         merged = predictions.merge(reference_predictions, on=[*id_columns, "target"], suffixes=("", "__ref"))
-        y_true, probs_model = predictions_to_arrays(merged, class_names)
-        probs_reference = merged[[f"prob_{name}__ref" for name in class_names]].to_numpy(dtype=float)
+        prob_columns = [prob_column(name) for name in class_names]
+        reference_columns = [f"{column}__ref" for column in prob_columns]
+        per_patient = merged.groupby([group_column, "target"], as_index=False)[prob_columns + reference_columns].mean()
+        y_true, probs_model = predictions_to_arrays(per_patient, class_names)
+        probs_reference = per_patient[reference_columns].to_numpy(dtype=float)
         delong = delong_per_class(y_true, probs_model, probs_reference, class_names)
         for row in delong.itertuples(index=False):
             rows.append({"model": model, "reference": reference, "metric": per_class_key("auc", row[0]),
-                         "test": "DeLong (one-vs-rest)", "metric_model": row.auc_a, "metric_reference": row.auc_b,
+                         "test": "DeLong one-vs-rest, per patient", "metric_model": row.auc_a,
+                         "metric_reference": row.auc_b,
                          "diff": row.diff, "ci_low": row.ci_low, "ci_high": row.ci_high, "p_value": row.p_value,
                          "p_holm": row.p_holm})
     return pd.DataFrame(rows)

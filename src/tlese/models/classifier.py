@@ -13,7 +13,7 @@ INPUT_RANGE_TOLERANCE = 0.05
 
 
 def channel_stats(rgb_stats: tuple[float, float, float], in_chans: int) -> tuple[float, ...]:
-    """Per-channel mean or std for `in_chans`: the RGB stats for 3, their mean for 1 (as the stem is folded), cycled else."""
+    """Per-channel mean or std: the RGB stats for 3 channels, their mean for 1 (the stem is folded), else cycled."""
     if in_chans == 1:
         return (sum(rgb_stats) / 3.0,)
     return tuple(rgb_stats[i % 3] for i in range(in_chans))

@@ -35,7 +35,7 @@ def model_table(
     in_chans: int = 1,
     views: str = "single",
 ) -> list[dict]:
-    """One row per model: params (total, ESE share) and GFLOPs for a batch of one at each square input size.
+    """One row per model: params (total, % added by ESE) and GFLOPs for a batch of one at each square input size.
 
     Models are built on the meta device, so even ResNet-50 at 512 px costs nothing to measure.
     """
@@ -46,7 +46,8 @@ def model_table(
         model.check_input = False
         ese = sum(p.numel() for n, p in model.named_parameters() if ".ese." in n)
         params = count_params(model)
-        row = {"model": name, "params_M": params / 1e6, "ese_params_%": 100.0 * ese / params}
+        # ESE share as params added over the same network without ESE
+        row = {"model": name, "params_M": params / 1e6, "ese_added_%": 100.0 * ese / (params - ese)}
         for size in sizes:
             shape = (1, in_chans, size, size) if views == "single" else (1, 2, in_chans, size, size)
             row[f"GFLOPs@{size}"] = count_flops(model, shape) / 1e9
@@ -72,6 +73,7 @@ def format_table(rows: list[dict], fmt: str = "md") -> str:
         return out.getvalue()
     if fmt != "md":
         raise ValueError(f"table format must be 'md' or 'csv', got {fmt!r}")
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---:" if k != "model" else "---" for k in columns) + "|"]
+    align = ["---:" if isinstance(rows[0][k], (int, float)) else "---" for k in columns]  # numbers right-aligned
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(_cell(row[k]) for k in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"

@@ -17,7 +17,8 @@ from tlese.models.weights import WeightSource, load_pretrained
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    build_backbone: Callable[..., nn.Module]  # (in_chans, **kw) -> backbone with num_features, gradcam_layer, first_conv
+    # (in_chans, **kw) -> backbone with num_features, gradcam_layer, first_conv
+    build_backbone: Callable[..., nn.Module]
     source: WeightSource  # ImageNet weights for pretrained=True; also fixes the input normalisation
     description: str
 

@@ -72,7 +72,8 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any], strip_prefix:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises pickle/zip/runtime errors: name the file either way
-            raise ValueError(f"{path}: not a readable PyTorch weights file ({type(error).__name__}: {error})") from error
+            message = f"{path}: not a readable PyTorch weights file ({type(error).__name__}: {error})"
+            raise ValueError(message) from error
     for wrapper in ("state_dict", "model_state_dict", "model"):
         if isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
@@ -136,7 +137,8 @@ def remap_keys(state: StateDict, prefix_map: Mapping[str, str], origin: str) -> 
     for key, tensor in state.items():
         for prefix in prefixes:
             if prefix == "" or key == prefix or key.startswith(prefix + "."):
-                out[prefix_map[prefix] + key[len(prefix) :]] = tensor
+                rest = key[len(prefix) :] if prefix else f".{key}"
+                out[prefix_map[prefix] + rest] = tensor
                 break
         else:
             raise ValueError(f"{origin}: no mapping for source key {key!r}")
@@ -184,10 +186,10 @@ class TorchvisionWeights:
             f"ImageNet weights {self.name} not found; looked for:\n"
             + "".join(f"  {p}\n" for p in candidates)
             + "Download them where there is internet, then copy the file into one of those folders "
-            "(or pass pretrained=<path>):\n"
-            f"  curl -L -o {candidates[0]} {self.weights.url}\n"
-            f'  python -c "from torchvision.models import {enum}; {enum}.{self.weights.name}.get_state_dict(progress=True)"'
-            "  # saves to torch hub's cache"
+            f"(or point {WEIGHTS_DIR_ENV} or weights_dir= at another folder, or pass pretrained=<path>):\n"
+            f"  curl --create-dirs -L -o {candidates[0]} {self.weights.url}\n"
+            f'  python -c "from torchvision.models import {enum}; '
+            f'{enum}.{self.weights.name}.get_state_dict(progress=True)"  # saves to torch hub\'s cache'
         )
 
     def to_model_keys(self, state: StateDict, origin: str) -> dict[str, torch.Tensor]:
@@ -256,7 +258,9 @@ def load_pretrained(
 
 
 # torchvision DenseNet checkpoints keep pre-1.0 names ("norm.1"); torchvision renames them the same way on load.
-_DENSENET_LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_DENSENET_LEGACY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
 
 
 def densenet_legacy_key(key: str) -> str:

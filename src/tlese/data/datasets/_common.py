@@ -90,8 +90,8 @@ def finish_table(
     table = pd.DataFrame(rows) if not isinstance(rows, pd.DataFrame) else rows.copy()
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-    for column in ("patient_id", "side", "view", "path"):
-        if column not in table.columns:
+    for column in ("patient_id", "side", "view", "path", *([label_column] if label_column else []), *extra_columns):
+        if column not in table.columns:  # e.g. a table with no rows at all
             table[column] = pd.Series(dtype=str)
     table["label"] = table[label_column] if label_column else ""
     table["dataset"] = dataset

@@ -84,7 +84,8 @@ def _load_from_csvs(root: Path, csv_paths: list[Path], validate_headers: bool) -
              split=("split", "first"), image_id=("image_id", "first"))
         .reset_index()
     )
-    breast_pathology = per_image.groupby(["patient_id", "side"])["image_pathology"].agg(worst_pathology).rename("pathology")
+    per_breast = per_image.groupby(["patient_id", "side"])["image_pathology"]
+    breast_pathology = per_breast.agg(worst_pathology).rename("pathology")
     table = per_image.join(breast_pathology, on=["patient_id", "side"])
     return table.sort_values(["patient_id", "side", "view"]).reset_index(drop=True)
 
@@ -144,4 +145,5 @@ def load_cbis_ddsm(root: str | Path, mode: str = "auto", csv_files: list[str | P
         raise FileNotFoundError(f"{root}: no {CSV_PATTERN} found (mode='csv')")
     table = _load_from_csvs(root, csv_paths, validate_headers) if use_csv else _load_from_dicoms(root)
     return finish_table(table, dataset="cbis_ddsm", modality="mammo", label_column="pathology", source=root,
-                        extra_columns=("pathology", "image_pathology", "abnormality_type", "n_abnormalities", "split", "image_id"))
+                        extra_columns=("pathology", "image_pathology", "abnormality_type", "n_abnormalities", "split",
+                                       "image_id"))

@@ -23,7 +23,7 @@ CLINICAL_FILE_NAMES = ("CMMD_clinicaldata_revision.xlsx", "CMMD_clinicaldata_rev
 SUBTYPES = ("Luminal A", "Luminal B", "HER2-enriched", "triple negative")
 # Spellings seen in CMMD derivatives and papers -> the names used by the clinical file (and by tasks).
 _SUBTYPE_SPELLINGS = {
-    re.sub(r"[^a-z0-9]", "", alias): name
+    re.sub(r"[^a-z0-9]", "", alias.lower()): name
     for name, aliases in {
         "Luminal A": ("Luminal A", "luminal_a", "LumA"),
         "Luminal B": ("Luminal B", "luminal_b", "LumB"),
@@ -98,9 +98,10 @@ def load_cmmd(root: str | Path, labels: str | Path | None = None, require_labels
     files = sorted(path for path in root.rglob("*") if path.suffix.lower() in (".dcm", ".dicom") and path.is_file())
     if not files:
         raise FileNotFoundError(f"{root}: no .dcm files found (expected CMMD/<ID1>/<study>/<series>/1-1.dcm)")
+    patients = set(sides_of)
     rows = []
     for path in files:
-        patient = _patient_of(path, root, set(sides_of))
+        patient = _patient_of(path, root, patients)
         if patient is None:
             if require_labels:
                 raise ValueError(f"{path}: no folder on this path is a patient ID1 of {clinical_path}")
@@ -112,9 +113,11 @@ def load_cmmd(root: str | Path, labels: str | Path | None = None, require_labels
         check_header_against(header, None, expected_side, path)
         side = header.side or expected_side
         if side is None:
-            raise ImageReadError(path, f"no laterality in the header and {patient} has rows for both breasts in {clinical_path}")
+            raise ImageReadError(path, f"no laterality in the header and {patient} has rows for both breasts "
+                                       f"in {clinical_path}")
         if (patient, side) not in by_breast:
-            raise ImageReadError(path, f"laterality conflict: header says {side}, {clinical_path} lists {patient} only for {sorted(known_sides)}")
+            raise ImageReadError(path, f"laterality conflict: header says {side}, {clinical_path} lists {patient} "
+                                       f"only for {sorted(known_sides)}")
         if header.view is None:
             raise ImageReadError(path, "no view in the header (ViewPosition / ViewCodeSequence)")
         record = by_breast[(patient, side)]

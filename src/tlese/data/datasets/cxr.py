@@ -34,9 +34,10 @@ _NIH_STEM = re.compile(r"^(\d{8})_\d{3}$")
 
 
 def _cxr_table(rows: list[dict], dataset: str, source: Path) -> pd.DataFrame:
-    table = pd.DataFrame(rows, columns=["patient_id", "path", "label", "image_id"] + sorted({k for r in rows for k in r} - {"patient_id", "path", "label", "image_id"}))
+    table = pd.DataFrame(rows)
     table["side"], table["view"] = NO_SIDE, UNKNOWN_VIEW
-    return finish_table(table, dataset=dataset, modality="cxr", label_column="label", source=source, extra_columns=("image_id",))
+    return finish_table(table, dataset=dataset, modality="cxr", label_column="label", source=source,
+                        extra_columns=("image_id",))
 
 
 def _class_folder_rows(root: Path, class_dirs: dict[str, Path]) -> list[dict]:
@@ -45,7 +46,8 @@ def _class_folder_rows(root: Path, class_dirs: dict[str, Path]) -> list[dict]:
         for path in find_images(folder, CXR_SUFFIXES, skip_dirs=MASK_DIRS):
             rows.append({"patient_id": path.stem, "path": str(path.resolve()), "label": label, "image_id": path.stem})
     if not rows:
-        raise FileNotFoundError(f"{root}: no {'/'.join(CXR_SUFFIXES)} images found in the class folders {sorted(class_dirs)}")
+        raise FileNotFoundError(f"{root}: no {'/'.join(CXR_SUFFIXES)} images found in the class folders "
+                                f"{sorted(class_dirs)}")
     return rows
 
 
@@ -62,7 +64,8 @@ def _check_unique_stems(root: Path, rows: list[dict]) -> None:
 def load_cxr_folders(root: str | Path) -> pd.DataFrame:
     """Generic class-folder layout `root/<class>/**/*.png|jpg` (mask folders skipped); label = folder name."""
     root = Path(root)
-    class_dirs = {folder.name: folder for folder in sorted(root.iterdir()) if folder.is_dir() and folder.name.lower() not in MASK_DIRS} if root.is_dir() else {}
+    folders = sorted(folder for folder in root.iterdir() if folder.is_dir()) if root.is_dir() else []
+    class_dirs = {folder.name: folder for folder in folders if folder.name.lower() not in MASK_DIRS}
     if not class_dirs:
         raise FileNotFoundError(f"{root}: expected one sub-folder per class (root/<class>/*.png)")
     rows = _class_folder_rows(root, class_dirs)
@@ -82,7 +85,8 @@ def load_covid_radiography(root: str | Path) -> pd.DataFrame:
     root = Path(root)
     base = root
     if not any((root / name).is_dir() for name in COVID_RADIOGRAPHY_CLASSES):
-        nested = [folder for folder in root.iterdir() if folder.is_dir() and any((folder / name).is_dir() for name in COVID_RADIOGRAPHY_CLASSES)] if root.is_dir() else []
+        folders = [folder for folder in root.iterdir() if folder.is_dir()] if root.is_dir() else []
+        nested = [folder for folder in folders if any((folder / name).is_dir() for name in COVID_RADIOGRAPHY_CLASSES)]
         if len(nested) != 1:
             raise FileNotFoundError(f"{root}: none of the class folders {list(COVID_RADIOGRAPHY_CLASSES)} found")
         base = nested[0]
@@ -101,12 +105,15 @@ def _read_covidx_list(list_path: Path) -> list[dict]:
         fields = line.split()
         if len(fields) < 3:
             raise ValueError(f"{list_path} line {number}: expected 'patient_id filename label [source]', got {line!r}")
-        rows.append({"patient_id": fields[0], "filename": fields[1], "label": fields[2], "source": " ".join(fields[3:])})
+        rows.append({"patient_id": fields[0], "filename": fields[1], "label": fields[2],
+                     "source": " ".join(fields[3:])})
     return rows
 
 
 @register_adapter("covidx")
-def load_covidx(root: str | Path, splits: tuple[str, ...] = ("train", "val", "test"), check_files: bool = True) -> pd.DataFrame:
+def load_covidx(
+    root: str | Path, splits: tuple[str, ...] = ("train", "val", "test"), check_files: bool = True
+) -> pd.DataFrame:
     """COVIDx (COVID-Net): `<split>.txt` lines 'patient_id filename label source', images in `<split>/`.
 
     Labels are kept as written ('positive'/'negative' in V8+, 'COVID-19'/'normal'/'pneumonia' in V5-V7A).
@@ -144,9 +151,11 @@ def load_darkcovidnet(root: str | Path, check_files: bool = True) -> pd.DataFram
         if check_files:
             missing = [path for path in frame["path"] if not Path(path).is_file()]
             if missing:
-                raise FileNotFoundError(f"{root / 'labels.csv'}: {len(missing)} listed image(s) missing, e.g. {missing[0]}")
+                raise FileNotFoundError(f"{root / 'labels.csv'}: {len(missing)} listed image(s) missing, "
+                                        f"e.g. {missing[0]}")
         frame["side"], frame["view"] = NO_SIDE, UNKNOWN_VIEW
-        return finish_table(frame, dataset="darkcovidnet", modality="cxr", label_column="label", source=root, extra_columns=("image_id",))
+        return finish_table(frame, dataset="darkcovidnet", modality="cxr", label_column="label", source=root,
+                            extra_columns=("image_id",))
     base = root / "X-Ray Image DataSet" if (root / "X-Ray Image DataSet").is_dir() else root
     class_dirs = {label: base / folder for folder, label in DARKCOVIDNET_FOLDERS.items() if (base / folder).is_dir()}
     if not class_dirs:

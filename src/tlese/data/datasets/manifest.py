@@ -37,7 +37,8 @@ def _check_side_view(csv_path: Path, index: int, side: str, view: str, modality:
         if side not in ("", "L", "R"):
             raise ValueError(f"{_where(csv_path, index)}: side {side!r} must be empty for chest X-rays")
         if view.upper() not in CXR_VIEWS:
-            raise ValueError(f"{_where(csv_path, index)}: view {view!r} is not one of {sorted(CXR_VIEWS - {''})} or empty")
+            valid = ", ".join(sorted(CXR_VIEWS - {UNKNOWN_VIEW}))
+            raise ValueError(f"{_where(csv_path, index)}: view {view!r} is not one of {valid} or empty")
         return NO_SIDE, view.upper()
     normal_side, normal_view = normalize_side(side), normalize_view(view)
     if normal_side is None:

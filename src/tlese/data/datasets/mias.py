@@ -34,7 +34,8 @@ def parse_info_txt(path: Path) -> pd.DataFrame:
         match = _INFO_ROW.match(line.strip())
         if not match:
             continue
-        image_id, tissue, kind, severity = match.group(1).lower(), match.group(2).upper(), match.group(3).upper(), match.group(4)
+        image_id, tissue, kind = match.group(1).lower(), match.group(2).upper(), match.group(3).upper()
+        severity = match.group(4)
         entry = findings.setdefault(image_id, {"image_id": image_id, "tissue": tissue, "classes": [], "severities": []})
         if kind != "NORM":
             entry["classes"].append(kind)
@@ -58,7 +59,8 @@ def parse_info_txt(path: Path) -> pd.DataFrame:
 
 
 def _from_labels_csv(root: Path) -> pd.DataFrame:
-    labels = read_label_file(root / "labels.csv", required=("image_id", "file", "patient_id", "side", "tissue", "abnormality", "severity"))
+    required = ("image_id", "file", "patient_id", "side", "tissue", "abnormality", "severity")
+    labels = read_label_file(root / "labels.csv", required=required)
     labels["path"] = [str((root / file).resolve()) for file in labels["file"]]
     return labels
 

@@ -28,7 +28,9 @@ def _image_path(image_dir: Path, study_id: str, image_id: str) -> Path | None:
 
 
 @register_adapter("vindr")
-def load_vindr(root: str | Path, annotations: str = ANNOTATIONS, image_dir: str = "images", check_files: bool = True) -> pd.DataFrame:
+def load_vindr(
+    root: str | Path, annotations: str = ANNOTATIONS, image_dir: str = "images", check_files: bool = True
+) -> pd.DataFrame:
     """Load VinDr-Mammo from `root`.
 
     Columns: contract + study_id, series_id, image_id, breast_birads ('BI-RADS 1'..'BI-RADS 5'),

@@ -1,0 +1,119 @@
+"""`tlese` data commands: one small function per command, registered by `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the data commands to the `tlese` parser."""
+    _register_prepare(subparsers)
+    _register_synth(subparsers)
+    _register_folds(subparsers)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tlese prepare
+
+
+def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prepare",
+        help="preprocess a dataset's images into a 16-bit PNG cache (parallel, reused on later runs)",
+        description="Read every image of a dataset, crop/orient/resize/normalise it and cache it; "
+        "prints how many were prepared, reused and skipped (with reasons).",
+    )
+    parser.add_argument("--dataset", required=True, help="dataset adapter name (see tlese.data.datasets)")
+    parser.add_argument("--root", required=True, help="dataset root folder")
+    parser.add_argument("--out", required=True, help="cache folder (a sub-folder per parameter set is created)")
+    parser.add_argument("--size", type=int, default=512, help="output side in pixels (default 512)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--modality", choices=("mammo", "cxr"), default=None,
+                        help="preprocessing path (default: the dataset's own `modality` column, else mammo)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_prepare)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """Load the dataset table, prepare it into the cache, print the summary (skips listed there; exit code 0)."""
+    from tlese.data.cache import prepare_table
+    from tlese.data.datasets import get_adapter
+    from tlese.data.preprocess import PreprocessParams
+
+    table = get_adapter(args.dataset)(args.root)
+    modality = args.modality
+    if modality is None:
+        found = set(table["modality"].dropna().astype(str)) if "modality" in table.columns else set()
+        modality = found.pop() if len(found) == 1 and found <= {"mammo", "cxr"} else "mammo"
+    params = PreprocessParams(size=args.size, modality=modality)
+    _, summary = prepare_table(table, params, args.out, workers=args.workers, progress=not args.no_progress)
+    print(summary)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tlese synth
+
+
+def _register_synth(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "synth",
+        help="write the embedded synthetic data (CMMD-layout mammograms + chest X-ray class folders)",
+        description="Generate a small synthetic mammography set in the CMMD TCIA layout (DICOM + clinical xlsx) "
+        "and a chest X-ray set in the DarkCovidNet layout, so the pipeline runs offline.",
+    )
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--patients", type=int, default=40, help="mammography patients (default 40)")
+    parser.add_argument("--size", type=int, default=256, help="image height in pixels (default 256)")
+    parser.add_argument("--cxr-per-class", type=int, default=30, help="chest X-rays per class (default 30)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing cmmd/ and cxr/ sub-folders")
+    parser.set_defaults(func=run_synth)
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    """Write the synthetic sets and print where they are and how to load them."""
+    from tlese.data.synth import synthesize
+
+    paths = synthesize(args.out, n_patients=args.patients, image_size=args.size, cxr_per_class=args.cxr_per_class,
+                       seed=args.seed, overwrite=args.overwrite)
+    print(f"mammograms (adapter cmmd, task synth_subtype4): {paths['mammo_root']}")
+    print(f"chest X-rays (adapter darkcovidnet, task synth_cxr3): {paths['cxr_root']}")
+    print(f"parameters: {paths['info']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tlese folds
+
+
+def _register_folds(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "folds",
+        help="make patient-level stratified folds for a dataset and task, save them as CSV",
+        description="Load a dataset, encode it for a task (reporting dropped rows), assign patients to k "
+        "stratified folds and write the fold file (seed and data hash in its first line); prints a per-fold summary.",
+    )
+    parser.add_argument("--dataset", required=True, help="dataset adapter name (see tlese.data.datasets)")
+    parser.add_argument("--root", required=True, help="dataset root folder (or manifest CSV)")
+    parser.add_argument("--task", required=True, help="task name (see tlese.data.tasks)")
+    parser.add_argument("--out", required=True, help="fold file to write, e.g. folds/cmmd_seed0.csv")
+    parser.add_argument("--k", type=int, default=5, help="number of folds (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.set_defaults(func=run_folds)
+
+
+def run_folds(args: argparse.Namespace) -> int:
+    """Encode the dataset for the task, make and save the folds, print the encode report and the fold summary."""
+    from tlese.data.datasets import get_adapter
+    from tlese.data.splits import fold_summary, make_folds, save_folds
+    from tlese.data.tasks import get_task
+
+    task = get_task(args.task)
+    table, report = task.encode(get_adapter(args.dataset)(args.root))
+    print(report.summary())
+    folds = make_folds(table, k=args.k, seed=args.seed)
+    path = save_folds(folds, args.out, seed=args.seed, source=f"{args.dataset}:{args.root} task={task.name}")
+    print(fold_summary(table, folds, classes=task.classes).to_string(index=False))
+    print(f"folds written to {path}")
+    return 0
