@@ -129,9 +129,25 @@ def test_cmmd_header_side_contradicting_the_clinical_file_names_the_file(tmp_pat
 
 def test_cmmd_image_of_a_patient_missing_from_the_clinical_file_is_an_error(tmp_path):
     root = make_cmmd(tmp_path, [["D1-0001", "L", 40, 2, "mass", "Benign", ""]], [("D1-0002", "L", "CC")])
-    with pytest.raises(ValueError, match="1-1.dcm: no folder on this path is a patient ID1"):
+    with pytest.raises(ValueError, match="1-1.dcm: neither a folder on this path nor the DICOM PatientID is a"):
         load_cmmd(root)
     assert load_cmmd(root, require_labels=False).empty
+
+
+def test_cmmd_study_uid_tree_falls_back_to_the_dicom_patient_id(tmp_path):
+    # some mirrors store CMMD as CMMD/<study uid>/1-N.dcm; the clinical CSV twin may use ';' (Excel, decimal comma)
+    # and, like CMMD, gives the view only as a ViewCodeSequence (SNOMED code + meaning)
+    codes = [("399162004", "cranio-caudal"), ("399368009", "medio-lateral oblique")]
+    for number, (code, meaning) in enumerate(codes, start=1):
+        view_code = pydicom.Dataset()
+        view_code.CodeValue, view_code.CodingSchemeDesignator, view_code.CodeMeaning = code, "SCT", meaning
+        write_dicom(tmp_path / "CMMD" / "1.3.6.1.4.1.9590.100.1.2.4242" / f"1-{number}.dcm", PatientID="D2-0100",
+                    ImageLaterality="R", ViewCodeSequence=[view_code])
+    (tmp_path / "CMMD_clinicaldata_revision.csv").write_text(
+        ";".join(CLINICAL_HEADER) + "\nD2-0100;R;55;2;mass;Malignant;Luminal B\n")
+    table = load_cmmd(tmp_path)
+    assert table[["patient_id", "side", "view", "subtype"]].values.tolist() == [
+        ["D2-0100", "R", "CC", "Luminal B"], ["D2-0100", "R", "MLO", "Luminal B"]]
 
 
 def test_cmmd_subtype_spellings_are_normalised():
@@ -364,6 +380,14 @@ def test_cxr_folders_uses_stems_as_patients_and_warns(tmp_path):
         table = load_dataset("cxr_folders", tmp_path)
     check_contract(table, "cxr")
     assert sorted(zip(table["patient_id"], table["label"])) == [("c1", "covid"), ("c2", "covid"), ("n1", "normal")]
+
+
+def test_cxr_folders_repeated_stems_get_path_based_ids(tmp_path):
+    write_png(tmp_path / "covid" / "1.png")
+    write_png(tmp_path / "normal" / "1.png")
+    with pytest.warns(UserWarning, match="image-level"):
+        table = load_dataset("cxr_folders", tmp_path)
+    assert sorted(table["patient_id"]) == ["covid/1", "normal/1"]
 
 
 def test_covid_radiography_layouts_with_images_subfolders_and_masks(tmp_path):

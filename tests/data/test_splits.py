@@ -168,7 +168,7 @@ def test_real_darkcovidnet_folds_keep_each_patient_in_one_fold(cxr_dir):
 def test_synth_and_folds_commands_write_a_reloadable_fold_file(tmp_path, capsys):
     from tlese.cli import main
 
-    assert main(["synth", "--out", str(tmp_path / "demo"), "--patients", "12", "--size", "64",
+    assert main(["synth", "--out", str(tmp_path / "demo"), "--patients", "20", "--size", "64",
                  "--cxr-per-class", "2", "--seed", "1"]) == 0
     out = tmp_path / "folds_seed4.csv"
     assert main(["folds", "--dataset", "cmmd", "--root", str(tmp_path / "demo" / "cmmd"), "--task", "synth_subtype4",
@@ -178,3 +178,15 @@ def test_synth_and_folds_commands_write_a_reloadable_fold_file(tmp_path, capsys)
     folds = load_folds(out)
     assert folds.attrs["seed"] == 4 and folds.attrs["k"] == 3 and "task=synth_subtype4" in folds.attrs["source"]
     assert main(["folds", "--dataset", "cmmd", "--root", str(tmp_path), "--task", "nope", "--out", str(out)]) == 2
+
+
+def test_fold_file_records_the_dataset_it_came_from(mias_dir, tmp_path):
+    from tlese.data.datasets import load_dataset
+    from tlese.data.tasks import get_task
+
+    table, _ = get_task("mias_abnormal").encode(load_dataset("mias", mias_dir))
+    folds = make_folds(table, k=5, seed=2)
+    assert_patient_disjoint(folds)
+    assert len(folds) == 128  # both breasts of each woman in one fold
+    loaded = load_folds(save_folds(folds, tmp_path / "mias_folds.csv"), table=table)
+    assert loaded.attrs["source"] == f"mias:{mias_dir}" and loaded.attrs["seed"] == 2

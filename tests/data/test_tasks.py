@@ -37,7 +37,7 @@ def test_encode_maps_classes_in_task_order_and_drops_empty_labels_with_a_report(
     assert report.rows_in == 6 and report.rows_out == 4
     assert report.dropped == {"empty label": 2}
     assert report.class_counts == {"Luminal A": 2, "Luminal B": 0, "HER2-enriched": 0, "triple negative": 2}
-    assert "dropped 2 (empty label)" in report.summary()
+    assert "dropped 2 (empty label)" in report.summary() == str(report)
 
 
 def test_grouping_merges_raw_labels():
@@ -130,6 +130,12 @@ def test_task_from_dict_validates_and_round_trips():
         Task.from_dict({**config, "grouping": {"BI-RADS 3": "medium"}})
     with pytest.raises(ValueError, match="single_view_policy"):
         Task.from_dict({**config, "single_view_policy": "copy"})
+
+
+def test_a_task_refuses_a_table_of_another_modality():
+    table = breast_table([("P1", "L", "CC", "covid")]).assign(modality="cxr")
+    with pytest.raises(ValueError, match=r"cmmd_subtype4 is for mammo images, the table holds \['cxr'\]"):
+        get_task("cmmd_subtype4").encode(table)
 
 
 def test_missing_label_column_is_named():

@@ -185,7 +185,7 @@ def _prepare_one(job: tuple, params_dict: dict) -> tuple[bool, dict | str]:
 
 
 def _init_worker() -> None:
-    # One process per core: stop torch / BLAS from also spawning a thread per core in every worker.
+    # One process per core: stop torch (used for resizing) from also starting a thread per core in every worker.
     import torch
 
     torch.set_num_threads(1)

@@ -15,7 +15,7 @@ wall is at column 0 and the padding (when the breast is narrower than tall) is o
 
 Speed: the mask is computed on a strided copy whose longer side is about `MASK_MAX_SIDE` pixels (a full-field
 mammogram of 4600 x 2900 becomes ~512 x 320), and the crop box is mapped back to full resolution; resizing uses
-torch's antialiased bilinear interpolation (no 8-bit round trip).
+torch's antialiased bilinear interpolation in float32 (no 8-bit round trip).
 """
 
 from __future__ import annotations
@@ -89,6 +89,20 @@ def _mask_stride(shape: tuple[int, int], max_side: int = MASK_MAX_SIDE) -> int:
     return max(1, math.ceil(max(shape) / max_side))
 
 
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold (maximum between-class variance) over a `bins`-bin histogram of `values`."""
+    counts, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2.0
+    weight_low = np.cumsum(counts, dtype=np.float64)
+    weight_high = weight_low[-1] - weight_low
+    cumulative = np.cumsum(counts * centres, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_low = cumulative / weight_low
+        mean_high = (cumulative[-1] - cumulative) / weight_high
+        between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(centres[int(np.nanargmax(between[:-1]))])
+
+
 def _lowres_mask(small: np.ndarray) -> np.ndarray:
     """Breast mask of a small image: Otsu threshold -> opening -> largest component -> hole fill.
 
@@ -97,24 +111,35 @@ def _lowres_mask(small: np.ndarray) -> np.ndarray:
     labels and markers joined to the breast by thin bridges; keeping the largest component drops them.
     """
     from scipy import ndimage
-    from skimage.filters import threshold_otsu
 
     smooth = ndimage.uniform_filter(small.astype(np.float32, copy=False), size=3)
     low, high = np.percentile(smooth, [1, 99.9])
     if high <= low:
         return np.zeros(small.shape, dtype=bool)
     clipped = np.clip(smooth, low, high)  # saturated labels must not drag Otsu's threshold up
-    otsu = threshold_otsu(clipped)
+    otsu = otsu_threshold(clipped)
     background = np.median(clipped[clipped <= otsu])
-    foreground = clipped > background + (otsu - background) / 3.0
-    foreground = ndimage.binary_opening(foreground, structure=np.ones((3, 3), bool), iterations=2)
+    foreground = (clipped > background + (otsu - background) / 3.0).astype(np.uint8)
+    # Opening with a 5 x 5 square via separable min/max filters (several times faster than binary_opening).
+    foreground = ndimage.maximum_filter(ndimage.minimum_filter(foreground, size=5), size=5).astype(bool)
     labels, count = ndimage.label(foreground)
     if count == 0:
         return np.zeros(small.shape, dtype=bool)
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    largest = labels == int(np.argmax(sizes))
-    return ndimage.binary_fill_holes(largest)
+    return _fill_holes(labels == int(np.argmax(sizes)))
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill background regions not connected to the image border (faster than ndimage.binary_fill_holes)."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(~mask)
+    if count == 0:
+        return mask
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    outside = np.isin(labels, border[border > 0])
+    return ~outside
 
 
 def _mask_and_stride(pixels: np.ndarray) -> tuple[np.ndarray, int]:
@@ -210,15 +235,21 @@ def orient_to_common_side(pixels: np.ndarray, side: str | None) -> np.ndarray:
 
 
 def _resize(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Antialiased bilinear resize (float32), through torch because it is fast and keeps full precision."""
+    """Antialiased bilinear resize in float32 (full precision, no 8-bit round trip) through torch.
+
+    torch reads the strided crop without copying and was 2.5-3x faster than PIL's "F" mode here (~25 ms vs ~70 ms
+    for a cropped full-field mammogram to 512); the price is importing torch once per worker process.
+    """
     import torch
 
     if pixels.shape == (height, width):
         return pixels.astype(np.float32, copy=True)
-    tensor = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
+    if pixels.dtype != np.float32 or any(step < 0 for step in pixels.strides):
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
     shrinking = height < pixels.shape[0] or width < pixels.shape[1]
     resized = torch.nn.functional.interpolate(
-        tensor, size=(height, width), mode="bilinear", align_corners=False, antialias=shrinking
+        torch.from_numpy(pixels)[None, None], size=(height, width), mode="bilinear", align_corners=False,
+        antialias=shrinking,
     )
     return resized[0, 0].numpy()
 
@@ -307,8 +338,8 @@ def preprocess_with_info(
     flip = params.orient and (side or facing) not in (None, COMMON_SIDE.value)
     resized = _resize_for(region, params)
     mask = _resize(mask_region.astype(np.float32), *resized.shape) > 0.5
-    if params.mask_background:
-        mask = ndimage.binary_dilation(mask, iterations=2)  # keep the skin line
+    if params.mask_background:  # grow the mask by 2 px so the skin line is kept
+        mask = ndimage.maximum_filter(mask.astype(np.uint8), size=5).astype(bool)
     image = normalise_intensity(resized, mask if mask.any() else None, params.low_pct, params.high_pct)
     if params.mask_background and mask.any():
         image[~mask] = 0.0

@@ -47,7 +47,8 @@ def table_fingerprint(table: pd.DataFrame, stratify_column: str | None = "target
 def make_folds(table: pd.DataFrame, k: int = 5, seed: int = 0, stratify_column: str | None = "target") -> pd.DataFrame:
     """Assign every patient of `table` to one of `k` folds (0..k-1), stratified by her label when possible.
 
-    Returns DataFrame[patient_id, fold] sorted by patient_id, with `attrs` {k, seed, data_hash, stratify_column}.
+    Returns DataFrame[patient_id, fold] sorted by patient_id, with `attrs` {k, seed, data_hash, stratify_column,
+    source} (source = the table's adapter attrs "dataset:folder", when present).
     `stratify_column=None` gives plain shuffled folds. Fewer patients than folds is a ValueError; a class with
     fewer patients than folds cannot be in every fold (sklearn warns; `fold_summary` reports it).
     """
@@ -74,8 +75,10 @@ def make_folds(table: pd.DataFrame, k: int = 5, seed: int = 0, stratify_column: 
         fold_of[test_index] = fold
     folds = pd.DataFrame({"patient_id": patients.astype(str), "fold": fold_of})
     folds = folds.sort_values("patient_id", ignore_index=True)
+    # The adapter's attrs (dataset, source folder) travel into the fold file's header through save_folds.
+    source = ":".join(str(table.attrs[key]) for key in ("dataset", "source") if table.attrs.get(key)) or None
     folds.attrs.update(k=k, seed=seed, data_hash=table_fingerprint(table, stratify_column),
-                       stratify_column=stratify_column)
+                       stratify_column=stratify_column, source=source)
     return folds
 
 
@@ -175,7 +178,7 @@ def _class_names(table: pd.DataFrame) -> dict[int, str]:
 
 
 def fold_summary(table: pd.DataFrame, folds: pd.DataFrame, classes: tuple[str, ...] | None = None) -> pd.DataFrame:
-    """Per fold (and 'all'): patients, breasts, images, images per class, and the classes missing from it.
+    """Per fold (and "all"): patients, breasts (0 for chest X-rays), images, images per class, classes missing.
 
     `classes` (task order) lets a class absent from the whole table be reported too. A fold lacking a class
     triggers a warning: its per-class metrics (e.g. one-vs-rest AUC) are undefined.

@@ -51,6 +51,9 @@ class EncodeReport:
         parts.append("classes: " + ", ".join(f"{name}={count}" for name, count in self.class_counts.items()))
         return "; ".join(parts)
 
+    def __str__(self) -> str:
+        return self.summary()
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -137,6 +140,9 @@ class Task:
         if self.label_column not in table.columns:
             raise ValueError(f"task {self.name}: the table has no column {self.label_column!r} "
                              f"(columns: {list(table.columns)})")
+        modalities = set(table["modality"]) if "modality" in table.columns else set()
+        if modalities - {self.modality}:
+            raise ValueError(f"task {self.name} is for {self.modality} images, the table holds {sorted(modalities)}")
         report = EncodeReport(task=self.name, rows_in=len(table), single_view_policy=self.single_view_policy)
         work = table.copy()
         if ANY_VIEW not in self.views:
@@ -173,7 +179,8 @@ class Task:
         report.dropped["label excluded by grouping"] = excluded
         work = work.assign(target_name=names)
         work = work[work["target_name"].notna()]
-        work["target"] = work["target_name"].map({name: index for index, name in enumerate(self.classes)}).astype(int)
+        index_of = {name: index for index, name in enumerate(self.classes)}
+        work = work.assign(target=work["target_name"].map(index_of).astype(int))
 
         if self.dual_view:
             work = self._complete_views(work, report)

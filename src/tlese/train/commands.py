@@ -82,8 +82,12 @@ def cmd_demo(args) -> int:
     _logging()
     started = time.time()
     out = Path(args.out).resolve()
-    paths = synthesize(out / "data", seed=0)
-    overrides = [f"target.root={paths['mammo']}", f"cxr.root={paths['cxr']}", f"output_dir={out}",
+    data_dir = out / "data"
+    if (data_dir / "synth_info.json").is_file():  # a rerun reuses the data, the prepared cache and finished folds
+        paths = {"mammo_root": data_dir / "cmmd", "cxr_root": data_dir / "cxr"}
+    else:
+        paths = synthesize(data_dir, seed=0)
+    overrides = [f"target.root={paths['mammo_root']}", f"cxr.root={paths['cxr_root']}", f"output_dir={out}",
                  f"cache_dir={out / 'cache'}", *args.overrides]
     experiment = load_experiment(demo_config_path(), overrides)
     run_dir = run_cv(experiment)

@@ -66,6 +66,8 @@ def read_label_file(path: Path, required: Iterable[str] = ()) -> pd.DataFrame:
         frame = pd.read_excel(path, dtype=str, keep_default_na=False)
     else:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if len(frame.columns) == 1 and ";" in frame.columns[0]:  # Excel "CSV" in locales with a decimal comma
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, sep=";")
     frame.columns = [str(column).strip() for column in frame.columns]
     missing = [column for column in required if column not in frame.columns]
     if missing:

@@ -1,7 +1,10 @@
 """CMMD (TCIA): DICOM tree `CMMD/<ID1>/<study dir>/<series dir>/1-1.dcm, 1-2.dcm, ...` + clinical file.
 
 The file names do not say which breast or view an image shows, so both come from the DICOM header
-(ImageLaterality / ViewPosition / ViewCodeSequence via `tlese.data.io.read_header`). The clinical file
+(ImageLaterality / ViewPosition / ViewCodeSequence via `tlese.data.io.read_header`). The patient is the
+first folder on the path named like a clinical ID1; trees ordered by study UID instead
+(`CMMD/<study uid>/1-N.dcm`, as some mirrors store them) fall back to the DICOM PatientID, which CMMD sets
+to the same pseudonymous ID1. The clinical file
 `CMMD_clinicaldata_revision.xlsx` (or its CSV twin) has one row per breast: ID1, LeftRight, Age, number,
 abnormality, classification, subtype. A header side that contradicts the clinical file is an error naming the
 file; a patient with one clinical row must have images of that side only.
@@ -13,6 +16,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import pydicom
 
 from tlese.data.datasets import register_adapter
 from tlese.data.datasets._common import finish_table, normalize_side, read_label_file
@@ -76,7 +80,8 @@ def _patient_of(path: Path, root: Path, patients: set[str]) -> str | None:
     for part in path.relative_to(root).parts[:-1]:
         if part in patients:
             return part
-    return None
+    patient_id = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]).get("PatientID", ""))
+    return patient_id.strip() if patient_id.strip() in patients else None
 
 
 @register_adapter("cmmd")
@@ -104,7 +109,8 @@ def load_cmmd(root: str | Path, labels: str | Path | None = None, require_labels
         patient = _patient_of(path, root, patients)
         if patient is None:
             if require_labels:
-                raise ValueError(f"{path}: no folder on this path is a patient ID1 of {clinical_path}")
+                raise ValueError(f"{path}: neither a folder on this path nor the DICOM PatientID is a patient ID1 "
+                             f"of {clinical_path}")
             continue
         header = read_header(path)
         known_sides = sides_of[patient]

@@ -51,13 +51,14 @@ def _class_folder_rows(root: Path, class_dirs: dict[str, Path]) -> list[dict]:
     return rows
 
 
-def _check_unique_stems(root: Path, rows: list[dict]) -> None:
-    # Stems double as patient IDs here; a stem in two classes would silently merge two images into one "patient".
-    stems = pd.Series([row["image_id"] for row in rows])
-    duplicated = stems[stems.duplicated()].unique()
-    if len(duplicated):
-        raise ValueError(f"{root}: {len(duplicated)} file stem(s) occur more than once, e.g. {duplicated[0]!r}; "
-                         "stems are used as patient IDs, so they must be unique")
+def _unique_image_ids(root: Path, rows: list[dict]) -> None:
+    """Stems double as patient IDs; when a stem repeats (e.g. `1.png` in every class folder), use the path
+    below `root` without suffix instead, so two different images never become one "patient"."""
+    stems = [row["image_id"] for row in rows]
+    if len(set(stems)) == len(stems):
+        return
+    for row in rows:
+        row["image_id"] = row["patient_id"] = Path(row["path"]).relative_to(root.resolve()).with_suffix("").as_posix()
 
 
 @register_adapter("cxr_folders")
@@ -69,7 +70,7 @@ def load_cxr_folders(root: str | Path) -> pd.DataFrame:
     if not class_dirs:
         raise FileNotFoundError(f"{root}: expected one sub-folder per class (root/<class>/*.png)")
     rows = _class_folder_rows(root, class_dirs)
-    _check_unique_stems(root, rows)
+    _unique_image_ids(root, rows)
     warn_image_level_ids("cxr_folders", root, len(rows))
     return _cxr_table(rows, "cxr_folders", root)
 
@@ -92,7 +93,7 @@ def load_covid_radiography(root: str | Path) -> pd.DataFrame:
         base = nested[0]
     class_dirs = {name: base / name for name in COVID_RADIOGRAPHY_CLASSES if (base / name).is_dir()}
     rows = _class_folder_rows(root, class_dirs)
-    _check_unique_stems(root, rows)
+    _unique_image_ids(root, rows)
     warn_image_level_ids("covid_radiography", root, len(rows))
     return _cxr_table(rows, "covid_radiography", root)
 

