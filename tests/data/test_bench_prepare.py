@@ -21,6 +21,6 @@ def test_benchmark_runs_one_tiny_iteration():
     assert results["size"] == 64
     for entry in results["sets"].values():  # empty when the real data is absent: run() must still work
         assert entry["miss_images_per_s"] > 0 and entry["cached_images_per_s"] > 0
-        assert set(entry["ms_per_image_single_process"]) == {"read_decode", "preprocess", "write_png"}
+        assert {"read_decode", "preprocess", "write_png"} <= set(entry["ms_per_image_single_process"])
     results.update(date="today", machine=bench.machine(), command="bench")
     assert "| set | images |" in bench.to_markdown(results, "bench")

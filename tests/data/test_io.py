@@ -10,6 +10,7 @@ from PIL import Image
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from tlese.data.io import ImageReadError, check_header_against, read_header, read_image, view_family
+from tlese.vocab import Side, View
 
 
 @pytest.fixture
@@ -81,9 +82,10 @@ def test_jpeg2000_lossless_round_trip(tmp_path, pixels16):
     np.testing.assert_array_equal(pixels, image)
 
 
-@pytest.mark.parametrize("name", ["MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm", "MR_small_RLE.dcm"])
+@pytest.mark.parametrize("name", ["MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm", "MR_small_RLE.dcm",
+                                  "MR_small_bigendian.dcm", "MR_small_implicit.dcm"])
 def test_compressed_reference_files_decode_like_uncompressed(name):
-    """pydicom's bundled test files: JPEG-LS (pylibjpeg-libjpeg), JPEG 2000 (openjpeg), RLE."""
+    """pydicom's bundled test files: JPEG-LS (pylibjpeg-libjpeg), JPEG 2000 (openjpeg), RLE, big-endian, implicit."""
     from pydicom.data import get_testdata_file
 
     reference, _ = read_image(get_testdata_file("MR_small.dcm"))
@@ -120,6 +122,7 @@ def test_view_family_groups_exaggerated_views():
     assert view_family("ML") == "ML" and view_family(None) is None
 
 
+@pytest.mark.filterwarnings("ignore:End of file reached")
 def test_read_header_does_not_decode_pixels(tmp_path, pixels16):
     path = write_dicom(tmp_path / "rle.dcm", pixels16, transfer_syntax=RLELossless, laterality="L")
     data = path.read_bytes()
@@ -141,12 +144,15 @@ def test_header_has_no_identifiers(tmp_path):
 def test_check_header_against():
     header = read_header_like(side="R", view="XCCL")
     check_header_against(header, "CC", "R", "x.dcm")  # XCCL is a CC-family view
+    check_header_against(header, View.CC, Side.R, "x.dcm")  # vocabulary enums work too
     check_header_against(header, None, None, "x.dcm")
     check_header_against(read_header_like(side=None, view=None), "MLO", "L", "x.dcm")
     with pytest.raises(ImageReadError, match=r"x\.dcm: laterality conflict: DICOM .*says R, dataset says L"):
         check_header_against(header, "CC", "L", "x.dcm")
     with pytest.raises(ImageReadError, match=r"x\.dcm: view conflict"):
         check_header_against(header, "MLO", "R", "x.dcm")
+    with pytest.raises(ImageReadError, match="dataset says L"):
+        check_header_against(header, None, Side.L, "x.dcm")
 
 
 def read_header_like(side, view):

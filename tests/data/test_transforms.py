@@ -68,3 +68,22 @@ def test_unknown_keys_and_modality_raise():
         build_transforms("mammo", True, cfg={"hflip_p": 0.5})
     with pytest.raises(ValueError, match="modality"):
         build_transforms("ct", True)
+
+
+def test_dataloader_workers_get_different_streams():
+    class Same(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return transform(_breast())
+
+    transform = build_transforms("mammo", True, seed=0)
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(Same(), batch_size=1, num_workers=2)
+    first = torch.cat(list(loader))
+    second = torch.cat(list(loader))  # a new epoch: new worker seeds
+    assert not torch.equal(first[0], first[1])  # the two workers differ
+    assert not torch.equal(first, second)
+    torch.manual_seed(0)
+    assert torch.equal(torch.cat(list(loader)), first)  # fixed by the training seed

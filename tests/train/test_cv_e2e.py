@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from tlese.data.splits import load_folds
 from tlese.data.synth import synthesize
 from tlese.train.config import load_experiment
 from tlese.train.cv import PREDICTIONS_BREASTS, PREDICTIONS_IMAGES, run_cv
@@ -54,7 +55,7 @@ def full_run(synth, tmp_path_factory) -> Path:
 
 
 def test_every_test_image_is_predicted_once_with_checkpoints(full_run):
-    images = pd.read_csv(full_run / "folds_seed0_k3.csv")
+    images = load_folds(full_run / "folds_seed0_k3.csv")
     for arm in ("tlese_double", "plain_scratch"):
         predictions = pd.concat([pd.read_csv(p) for p in sorted((full_run / arm).glob(f"fold_*/{PREDICTIONS_IMAGES}"))])
         breasts = pd.concat([pd.read_csv(p) for p in sorted((full_run / arm).glob(f"fold_*/{PREDICTIONS_BREASTS}"))])
@@ -68,7 +69,7 @@ def test_every_test_image_is_predicted_once_with_checkpoints(full_run):
 
 
 def test_no_test_patient_in_its_training_or_validation_data(full_run):
-    folds = pd.read_csv(full_run / "folds_seed0_k3.csv", comment="#")
+    folds = load_folds(full_run / "folds_seed0_k3.csv")
     for fold_dir in sorted(full_run.glob("*/fold_*")):
         fold = int(fold_dir.name.split("_")[1])
         split = pd.read_csv(fold_dir / "split.csv")
@@ -106,7 +107,7 @@ def test_same_seed_same_predictions(full_run, synth, tmp_path):
 
 def test_a_fold_without_a_class_warns_and_still_reports(full_run, synth, tmp_path):
     # Put every triple-negative patient in fold 0: folds 1 and 2 then have none to test on.
-    folds = pd.read_csv(full_run / "folds_seed0_k3.csv", comment="#")
+    folds = load_folds(full_run / "folds_seed0_k3.csv")
     predictions = pd.concat(pd.read_csv(p) for p in (full_run / "plain_scratch").glob(f"fold_*/{PREDICTIONS_BREASTS}"))
     tn_patients = set(predictions.loc[predictions["target"] == 3, "patient_id"])
     folds.loc[folds["patient_id"].isin(tn_patients), "fold"] = 0

@@ -28,7 +28,7 @@ PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "PPM": "pgm", "TIFF": "tiff", "BMP"
 VIEW_FAMILY = {
     "CC": "CC", "XCCL": "CC", "XCCM": "CC", "FB": "CC", "CV": "CC",
     "MLO": "MLO", "LMO": "MLO",
-    "ML": "ML", "LM": "LM", "SIO": "SIO", "AT": "AT", "LAT": "ML",
+    "ML": "ML", "LM": "LM", "SIO": "SIO", "AT": "AT",
 }
 # ViewCodeSequence code meanings (DICOM CID 4014), compared without case, spaces or hyphens.
 _VIEW_MEANINGS = {
@@ -119,7 +119,7 @@ def check_header_against(
 ) -> None:
     """Raise ImageReadError when the file's view or side contradicts the dataset's; None on either side passes."""
     if header.side is not None and expected_side is not None:
-        expected = _normalise_side(str(expected_side))
+        expected = _normalise_side(str(getattr(expected_side, "value", expected_side)))  # str or vocab.Side
         if expected is not None and expected != header.side:
             raise ImageReadError(
                 path,
@@ -127,7 +127,7 @@ def check_header_against(
                 f"dataset says {expected}",
             )
     if header.view is not None and expected_view is not None:
-        expected = _normalise_view(str(expected_view))
+        expected = _normalise_view(str(getattr(expected_view, "value", expected_view)))
         if expected is not None and view_family(expected) != view_family(header.view):
             raise ImageReadError(
                 path,
@@ -266,9 +266,9 @@ def _parse_description(text: str | None) -> tuple[str | None, str | None]:
             continue
         if token in _SIDE_WORDS:
             side = side or _SIDE_WORDS[token]
-        elif token in VIEW_FAMILY and token not in ("LAT", "AT"):
+        elif token in VIEW_FAMILY and token != "AT":  # "AT" is also an English word in free text
             view = view or token
-        elif token[0] in "LR" and token[1:] in VIEW_FAMILY and token[1:] not in ("LAT", "AT"):
+        elif token[0] in "LR" and token[1:] in VIEW_FAMILY and token[1:] != "AT":
             side = side or token[0]
             view = view or token[1:]
     return side, view
@@ -281,10 +281,13 @@ def _normalise_side(value: str | None) -> str | None:
 
 
 def _normalise_view(value: str | None) -> str | None:
+    """Upper-case view code ("cc" -> "CC", "LAT" -> "ML"), None when not a known mammographic view."""
     if value is None:
         return None
     code = re.sub(r"[^A-Z]", "", value.upper())
-    return code if code in VIEW_FAMILY and code != "LAT" else ("ML" if code == "LAT" else None)
+    if code == "LAT":  # some vendors write LAT for a true (medio-)lateral view
+        return "ML"
+    return code if code in VIEW_FAMILY else None
 
 
 def _text(value) -> str | None:

@@ -40,8 +40,9 @@ def build_transforms(modality: str, train: bool, cfg: dict | None = None, seed: 
 
     modality "mammo" or "cxr"; train False -> identity. cfg overrides magnitudes; valid keys: MAMMO_DEFAULTS for
     mammo, CXR_DEFAULTS for cxr (unknown keys raise ValueError listing them). With a seed the random parameters
-    come from a private generator (reproducible; each DataLoader worker derives its own stream from seed and worker
-    id); without one they come from torch's global generator. Views of a (V, C, H, W) tensor are augmented
+    come from a private generator (reproducible; in DataLoader workers the stream also mixes in the worker's seed,
+    so it differs per worker and epoch yet is fixed by the training seed); without one they come from torch's
+    global generator. Views of a (V, C, H, W) tensor are augmented
     independently.
     """
     if modality not in _DEFAULTS:
@@ -82,10 +83,12 @@ class RandomAugment:
         if self.seed is None:
             return None
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else -1
-        if self._generator is None or worker != self._worker:
-            self._generator = torch.Generator().manual_seed(self.seed * 1009 + worker + 1)
-            self._worker = worker
+        # In a DataLoader worker, mix in the worker's seed: it differs per worker and per epoch (drawn from the
+        # main process's seeded RNG), so workers and epochs do not replay the same augmentations.
+        stream = info.seed if info is not None else -1
+        if self._generator is None or stream != self._worker:
+            self._generator = torch.Generator().manual_seed((self.seed * 1_000_003 + stream + 1) % (2**63))
+            self._worker = stream
         return self._generator
 
     def _uniform(self, low: float, high: float) -> float:

@@ -111,7 +111,7 @@ class TLeseBackbone(nn.Module):
         if ese not in ESE_PLACEMENTS:
             raise ValueError(f"unknown ESE placement {ese!r}; valid: {', '.join(ESE_PLACEMENTS)}")
         conv = dict(bn_eps=arch.bn_eps, padding=arch.padding)
-        self.ese = ese
+        self.ese_placement = ese
         self.stem = ConvBNAct(in_chans, arch.stem_channels, 3, stride=2, **conv)
         self.blocks = nn.Sequential(
             *(

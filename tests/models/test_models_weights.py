@@ -65,3 +65,14 @@ def test_densenet_legacy_names_are_fixed():
         "features.denseblock1.denselayer1.norm1.weight"
     )
     assert densenet_legacy_key("features.norm5.weight") == "features.norm5.weight"
+
+
+def test_tlese_checkpoint_as_pretrained_folds_its_stem(tmp_path):
+    rgb = create_model("tlese_mbv2", 2, in_chans=3)
+    path = tmp_path / "rgb.pt"
+    torch.save(rgb.state_dict(), path)
+    gray = create_model("tlese_mbv2", 4, in_chans=1, pretrained=path)
+    stem = rgb.backbone.stem.conv.weight.sum(1, keepdim=True)
+    torch.testing.assert_close(gray.backbone.stem.conv.weight, stem)
+    assert gray.pretrained_cfg["source"] == str(path)
+    assert "skipped 2 by shape" in gray.pretrained_cfg["load_summary"]  # the 2-class head

@@ -36,7 +36,7 @@ def test_contract_attributes():
     keys = model.state_dict().keys()
     assert all(k.startswith(("backbone.", "head.")) for k in keys)
     assert "mean" not in keys  # normalisation buffers are not persistent: checkpoints load across channel counts
-    assert isinstance(model.backbone, TLeseBackbone) and model.backbone.ese == DEFAULT_ESE
+    assert isinstance(model.backbone, TLeseBackbone) and model.backbone.ese_placement == DEFAULT_ESE
     lite = create_model("tlese_lite0", 2, in_chans=3)
     assert lite.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
 
