@@ -65,7 +65,9 @@ def setup_run(experiment: Experiment) -> tuple[Path, PreparedData, pd.DataFrame]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         summary = fold_summary(data.table, folds)
-    data.notes.extend(str(w.message) for w in caught)
+    for caught_warning in caught:  # kept for the report, and still shown to the user
+        data.notes.append(str(caught_warning.message))
+        warnings.warn(caught_warning.message, stacklevel=2)
     summary.to_csv(run_dir / "data_summary.csv", index=False)
     return run_dir, data, folds
 
