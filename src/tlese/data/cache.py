@@ -9,6 +9,8 @@ exists under its key). One bad file never stops the run: it is skipped and repor
 
 from __future__ import annotations
 
+from collections import Counter
+
 import csv
 import hashlib
 import json
@@ -54,12 +56,19 @@ class PrepareSummary:
             f"skipped: {len(self.skipped)}  seconds: {self.seconds:.1f}",
             f"cache: {self.cache_dir}",
         ]
-        lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
+        shown = self.skipped[:MAX_LISTED]  # a broken folder must not flood the terminal; the count stays exact
+        lines += [f"  skipped {path}: {reason}" for path, reason in shown]
+        if len(self.skipped) > len(shown):
+            reasons = Counter(reason.split(":")[0] for _, reason in self.skipped)
+            lines.append(f"  ... and {len(self.skipped) - len(shown)} more; by reason: {dict(reasons)}")
         if self.facing_mismatch:
             lines.append(f"  {len(self.facing_mismatch)} image(s) face the other way from their side label "
                          "(prepared as labelled; check the label or the file):")
             lines += [f"    {path}" for path in self.facing_mismatch]
         return "\n".join(lines)
+
+
+MAX_LISTED = 20
 
 
 def cache_key(source: str | Path, side: str | None, view: str | None) -> str:
