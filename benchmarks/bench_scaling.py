@@ -72,9 +72,9 @@ def plot(results: dict, path: Path) -> None:
               ("latency_ms", "CPU inference latency, ms (batch 1)"), ("x_resnet50", "speed over ResNet-50 (x)")]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     for ax, (key, title) in zip(axes, panels):
-        for name, row in results["models"].items():
+        for index, (name, row) in enumerate(results["models"].items()):
             if key in row and not (key == "x_resnet50" and name == "resnet50"):
-                ax.plot(sizes, row[key], marker="o", label=name)
+                ax.plot(sizes, row[key], marker="o", label=name, color=f"C{index}")  # same colour in every panel
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("input size (px, square)")
         ax.set_xticks(sizes)

@@ -141,6 +141,7 @@ def run(
     train_reps: int = 2,
     train_iters: int = 1,
     train_large_models: Sequence[str] | None = LARGE_TRAIN_MODELS,
+    train_large_batch: int = 4,
     loader_images: int = 64,
     loader_workers: Sequence[int] = (0, 2),
     loader_passes: int = 2,
@@ -148,9 +149,12 @@ def run(
     profile_size: int = 512,
     profile_train_size: int = 224,
     log=print,
+    on_section=None,
 ) -> dict:
-    """infer: "BATCH:LAYOUT" entries (layout nchw or channels_last). Training at sizes >= 384 uses
-    `train_large_models` (None: all `models`) to keep the run short. Warm-up: 2 calls for batch-1 inference (cheap),
+    """infer: "BATCH:LAYOUT" entries (layout nchw or channels_last). Inference at batch > 1 and training at sizes
+    >= 384 use `train_large_models` (None: all `models`) to keep the run short; training at sizes >= 384 uses batch
+    `train_large_batch` (DenseNet-121 at 512 x 16 needs > 12 GB of activations, more than this shared machine has
+    free). `on_section(results)` is called after each section (partial results survive a killed run). Warm-up: 2 calls for batch-1 inference (cheap),
     1 otherwise (first call builds the oneDNN kernels and AdamW's state)."""
     results: dict = {"models": list(models), "inference": {}, "training": {}, "protocol": {
         "infer_reps": infer_reps, "train_reps": train_reps, "train_iters": train_iters, "warmup": "2 (batch-1 "
@@ -159,17 +163,23 @@ def run(
         batch, layout = spec.split(":")
         batch = int(batch)
         key = f"b{batch}@{infer_size} {layout}"
-        times = interleaved(inference_steps(models, batch, infer_size, layout == "channels_last"), infer_reps,
+        chosen = [m for m in models if batch == 1 or train_large_models is None or m in train_large_models]
+        times = interleaved(inference_steps(chosen, batch, infer_size, layout == "channels_last"), infer_reps,
                             warmup=2 if batch == 1 else 1)
         results["inference"][key] = summarise(times, batch)
         log(f"inference {key}: " + ", ".join(f"{m} {r['img_s_median']}" for m, r in
                                                results["inference"][key].items()))
+        if on_section:
+            on_section(results)
     for size in train_sizes:
-        key = f"b{train_batch}@{size} nchw"
+        batch = train_batch if size < 384 else train_large_batch
+        key = f"b{batch}@{size} nchw"
         chosen = [m for m in models if size < 384 or train_large_models is None or m in train_large_models]
-        times = interleaved(training_steps(chosen, train_batch, size), train_reps, iters=train_iters, warmup=1)
-        results["training"][key] = summarise(times, train_batch)
+        times = interleaved(training_steps(chosen, batch, size), train_reps, iters=train_iters, warmup=1)
+        results["training"][key] = summarise(times, batch)
         log(f"training {key}: " + ", ".join(f"{m} {r['img_s_median']}" for m, r in results["training"][key].items()))
+        if on_section:
+            on_section(results)
     if loader_images:
         results["loader"] = loader_throughput(loader_images, infer_size, train_batch, loader_workers, loader_passes)
         log(f"loader: {results['loader']['workers']}")
@@ -263,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-reps", type=int, default=2)
     parser.add_argument("--train-iters", type=int, default=1, help="steps per model per repetition")
     parser.add_argument("--train-large-models", nargs="+", default=list(LARGE_TRAIN_MODELS),
-                        help="models trained at sizes >= 384 ('all': every model)")
+                        help="models for inference at batch > 1 and training at sizes >= 384 ('all': every model)")
+    parser.add_argument("--train-large-batch", type=int, default=4, help="training batch at sizes >= 384")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see README)")
     parser.add_argument("--loader-images", type=int, default=64, help="0 skips the loader measurement")
     parser.add_argument("--profile-models", nargs="*", default=list(TLESE))
@@ -275,11 +286,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     info = machine()
     large = None if args.train_large_models == ["all"] else args.train_large_models
+    def save(partial: dict, name: str = "speed.partial.json") -> None:
+        if args.write:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / name).write_text(json.dumps({**partial, "command": command, "machine": info}, indent=2))
+
     results = run(args.models, args.infer, args.infer_size, args.infer_reps, args.train_sizes,
-                  args.train_batch, args.train_reps, args.train_iters, large, args.loader_images,
+                  args.train_batch, args.train_reps, args.train_iters, large, args.train_large_batch,
+                  args.loader_images,
                   profile_models=args.profile_models, profile_size=args.infer_size,
                   profile_train_size=args.profile_train_size,
-                  log=lambda text: print(text, file=sys.stderr, flush=True))
+                  log=lambda text: print(text, file=sys.stderr, flush=True), on_section=save)
     results.update(command=command, date=now(), machine=info)
     text = to_markdown(results)
     print(text, flush=True)
@@ -287,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
         (args.out / "speed.md").write_text(text)
+        (args.out / "speed.partial.json").unlink(missing_ok=True)
     return 0
 
 
