@@ -19,7 +19,8 @@ RESULTS = REPO / "benchmarks" / "results"
 BASELINES = ("resnet50", "densenet121")  # ratio columns: TLese speed over these
 
 
-def machine() -> dict:
+def machine(packages: tuple[str, ...] = ("torch", "torchvision", "numpy")) -> dict:
+    """CPU model, cores, torch threads, load average and the versions of `packages`: the context of a timing."""
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -32,7 +33,7 @@ def machine() -> dict:
     return {
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "loadavg_1_5_15": load,
-        **{package: version(package) for package in ("torch", "torchvision", "numpy")},
+        **{package: version(package) for package in packages},
     }
 
 

@@ -26,9 +26,16 @@ from pathlib import Path
 
 import pandas as pd
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import REPO, RESULTS, machine as machine_with  # noqa: E402
+
 MIAS_DIR = REPO.parent / "shared" / "data" / "mini-mias"
-RESULTS = REPO / "benchmarks" / "results"
+PACKAGES = ("numpy", "torch", "pydicom", "pillow", "scipy", "pylibjpeg-rle")
+
+
+def machine() -> dict:
+    """The shared machine record, with the versions that matter for preparation."""
+    return machine_with(PACKAGES)
 GOAL_PER_CORE = 20  # full-field mammograms per second per core, cache-miss DICOM -> model input (issue 3)
 
 
@@ -195,23 +202,6 @@ NOTES = """Notes.
 - Worker processes are spawned (not forked, torch is not fork-safe) and import torch: a few seconds per run,
   which dominates small runs ('per worker' vs 'per worker w/o startup').
 - This 2-core machine is shared with other jobs: see the load average; the minima are the fairer per-core figure."""
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").is_file() else []
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "loadavg_1_5_15": load,
-        **{package: version(package) for package in ("numpy", "torch", "pydicom", "pillow", "scipy",
-                                                       "pylibjpeg-rle")},
-    }
 
 
 def to_markdown(results: dict, command: str) -> str:
