@@ -85,6 +85,8 @@ def test_cxr_backbone_reaches_the_mammography_model(full_run):
     info = json.loads((full_run / "tlese_double" / "fold_0" / "fold_info.json").read_text())
     assert info["init"]["imagenet"] == "loaded"
     assert info["init"]["cxr_load_summary"].startswith("loaded ")
+    # each fold records the code and threads it ran with (arms of one run may come from different jobs)
+    assert {"git_commit", "git_dirty", "torch", "torch_threads"} <= set(info["run_by"])
 
 
 def test_merge_writes_report_and_comparison(full_run):
@@ -93,6 +95,7 @@ def test_merge_writes_report_and_comparison(full_run):
     assert "tlese_double" in html and "plain_scratch" in html and "Luminal A" in html
     comparison = pd.read_csv(full_run / "comparison.csv")
     assert list(comparison["arm"]) == ["tlese_double", "plain_scratch"]
+    assert list(comparison["ImageNet weights"]) == ["loaded", "not used"]  # what the folds really started from
     assert (full_run / "paired_tests.csv").is_file() and (full_run / "tlese_double" / "report.md").is_file()
 
 

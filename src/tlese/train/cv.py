@@ -159,9 +159,20 @@ def run_fold(experiment: Experiment, arm: Arm, fold: int, data: PreparedData, fo
         "val_patients": int(val["patient_id"].nunique()), "test_patients": int(test["patient_id"].nunique()),
         "train_images": len(train), "val_images": len(val), "test_images": len(test),
         "best_checkpoint": str(result.best_checkpoint), "epochs_run": result.epochs_run,
-        "seconds": round(time.time() - started, 1),
+        "seconds": round(time.time() - started, 1), "run_by": _run_by(),
     }, indent=2))
     return fold_dir
+
+
+def _run_by() -> dict:
+    """Code and machine state of this fold's job: arms and folds of one run may come from different jobs and commits."""
+    import torch
+
+    from tlese.evaluate.report import environment_info
+
+    keys = ("date_utc", "git_commit", "git_dirty", "tlese", "torch", "cpu", "gpu")
+    return {**{key: value for key, value in environment_info().items() if key in keys},
+            "torch_threads": torch.get_num_threads()}
 
 
 def run_cv(experiment: Experiment, arms: list[str] | None = None, fold: int | None = None,

@@ -213,6 +213,8 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, recipe: Recipe, 
         # Lightning's advice about dataloader workers and small logging intervals is noise at our sizes.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
+        # Lightning 2.x on torch >= 2.10 calls a deprecated torch pytree API: not ours to fix, repeated every step.
+        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
         trainer = pl.Trainer(
             max_epochs=recipe.epochs, accelerator=recipe.accelerator, devices=recipe.devices,
             num_nodes=recipe.num_nodes, strategy=recipe.strategy, precision=precision,

@@ -90,7 +90,10 @@ def merge_run(run_dir: str | Path) -> dict[str, Path]:
             class_names=class_names, history=_arm_history(arm_dir), config=config, environment=environment,
             data_summary=data_summary, comparison_table=None, notes=arm_notes)
         metric = summary.set_index("metric")
-        rows.append({"arm": arm.name, "model": arm.model, "transfer": arm.transfer, "unit": unit,
+        # What each fold really started from: an arm configured as "double" may have had no ImageNet file.
+        imagenet = ", ".join(sorted({info.get("init", {}).get("imagenet", "unknown") for info in infos})) or "unknown"
+        rows.append({"arm": arm.name, "model": arm.model, "transfer": arm.transfer, "ImageNet weights": imagenet,
+                     "unit": unit,
                      "folds": int(predictions["fold"].nunique()),
                      "accuracy (mean ± std)": metric.loc["accuracy", "mean ± std"],
                      "macro AUC (mean ± std)": metric.loc["macro_auc", "mean ± std"],
