@@ -99,6 +99,17 @@ def test_merge_writes_report_and_comparison(full_run):
     assert (full_run / "paired_tests.csv").is_file() and (full_run / "tlese_double" / "report.md").is_file()
 
 
+def test_gradcam_overlays_explain_only_held_out_cases(full_run):
+    from tlese.evaluate.explain import explain_fold
+
+    out = explain_fold(full_run, "tlese_double", 0, per_class=1)
+    index = pd.read_csv(out / "index.csv")
+    assert 1 <= len(index) <= 4 and index["true"].is_unique  # at most one case per true class
+    assert all((out / name).is_file() for name in index["file"])
+    split = pd.read_csv(full_run / "tlese_double" / "fold_0" / "split.csv")
+    assert set(index["patient_id"]) <= set(split.loc[split["role"] == "test", "patient_id"])
+
+
 def test_same_seed_same_predictions(full_run, synth, tmp_path):
     experiment = load_experiment(write_config(tmp_path / "exp.yaml", synth, tmp_path / "runs"))
     again = run_cv(experiment, arms=["plain_scratch"], fold=1)

@@ -1,4 +1,5 @@
-"""CLI: ``tlese report`` recomputes the metrics of a saved predictions CSV and writes the report."""
+"""CLI: ``tlese report`` recomputes the metrics of a saved predictions CSV and writes the report; ``tlese explain``
+writes Grad-CAM overlays for held-out cases of a cross-validation fold."""
 
 from __future__ import annotations
 
@@ -31,6 +32,19 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.set_defaults(func=run_report)
 
+    explain = subparsers.add_parser(
+        "explain", help="Grad-CAM overlays for held-out cases of one fold of a cv run",
+        description="Load the fold's best checkpoint, predict its test cases and write Grad-CAM overlays for the most "
+        "confident predictions per true class (right and wrong), with an index.csv.",
+    )
+    explain.add_argument("run_dir", type=Path, help="the run folder (<output_dir>/<name>)")
+    explain.add_argument("--arm", required=True, help="arm name in the run's config")
+    explain.add_argument("--fold", type=int, default=0, help="fold to explain (default 0)")
+    explain.add_argument("--per-class", type=int, default=2, help="cases per true class (default 2)")
+    explain.add_argument("--layer", default=None, help="module name to explain (default: the model's gradcam_layer)")
+    explain.add_argument("--out", type=Path, default=None, help="folder (default <run>/<arm>/fold_<k>/gradcam)")
+    explain.set_defaults(func=run_explain)
+
 
 def run_report(args: argparse.Namespace) -> int:
     """Read the CSV, compute the tables, write the report and print where it is."""
@@ -52,4 +66,16 @@ def run_report(args: argparse.Namespace) -> int:
     headline = summary.set_index("metric").loc[["accuracy", "macro_auc"], "pooled (95% CI)"]
     print(f"accuracy {headline['accuracy']}, macro AUC {headline['macro_auc']}")
     print(f"report: {paths['html']} and {paths['md']}")
+    return 0
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from tlese.evaluate.explain import explain_fold
+
+    if args.per_class < 1:
+        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
+    out_dir = explain_fold(args.run_dir, args.arm, args.fold, per_class=args.per_class, layer=args.layer,
+                           out_dir=args.out)
+    count = len(pd.read_csv(out_dir / "index.csv"))
+    print(f"{count} Grad-CAM overlay(s) in {out_dir} (index.csv lists them)")
     return 0

@@ -43,13 +43,19 @@ def seed_everything(seed: int) -> None:
     pl.seed_everything(seed, workers=True, verbose=False)
 
 
+def model_kwargs(arm: Arm, experiment: Experiment, num_classes: int, views: str) -> dict:
+    """`create_model` arguments (besides name and pretrained) of the arm's model: also rebuilds it to load a checkpoint."""
+    kwargs = dict(num_classes=num_classes, in_chans=experiment.in_chans, views=views, **arm.model_options)
+    if views == "dual":
+        kwargs["fusion"] = experiment.fusion
+    return kwargs
+
+
 def new_model(arm: Arm, experiment: Experiment, num_classes: int, views: str) -> tuple[nn.Module, str]:
     """Create the arm's model with ImageNet weights when its transfer mode uses them (per the missing-weights policy)."""
     from tlese.models import create_model
 
-    kwargs = dict(num_classes=num_classes, in_chans=experiment.in_chans, views=views, **arm.model_options)
-    if views == "dual":
-        kwargs["fusion"] = experiment.fusion
+    kwargs = model_kwargs(arm, experiment, num_classes, views)
     if not USES_IMAGENET[arm.transfer]:
         return create_model(arm.model, pretrained=False, **kwargs), "not used"
     try:
