@@ -99,6 +99,16 @@ def test_merge_writes_report_and_comparison(full_run):
     assert (full_run / "paired_tests.csv").is_file() and (full_run / "tlese_double" / "report.md").is_file()
 
 
+def test_merge_tests_against_a_chosen_reference(full_run):
+    merge_run(full_run, references=["plain_scratch"])
+    paired = pd.read_csv(full_run / "paired_tests.csv")
+    assert set(paired["reference"]) == {"plain_scratch"} and set(paired["model"]) == {"tlese_double"}
+    with pytest.raises(ValueError, match="reference arm\\(s\\) \\['nope'\\] have no predictions"):
+        merge_run(full_run, references=["nope"])
+    merge_run(full_run)  # back to the default reference (the first arm)
+    assert set(pd.read_csv(full_run / "paired_tests.csv")["reference"]) == {"tlese_double"}
+
+
 def test_gradcam_overlays_explain_only_held_out_cases(full_run):
     from tlese.evaluate.explain import explain_fold
 

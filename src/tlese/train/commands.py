@@ -19,6 +19,11 @@ def _add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-resume", action="store_true", help="retrain even where a finished fold exists")
 
 
+def _add_reference_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reference", action="append", default=None, metavar="ARM",
+                        help="arm every other arm is tested against (repeatable; default: the config's first arm)")
+
+
 DEMO_PATIENTS = 60
 """About 54 breasts with a subtype: fewer and the 5-fold CV of the demo learns little in its few epochs."""
 
@@ -30,10 +35,12 @@ def register(subparsers) -> None:
 
     compare = subparsers.add_parser("compare", help="cross-validate every arm on the same folds, then merge and compare")
     _add_experiment_arguments(compare)
+    _add_reference_argument(compare)
     compare.set_defaults(func=cmd_compare)
 
     merge = subparsers.add_parser("merge", help="aggregate finished folds of a run into metrics and a report")
     merge.add_argument("run_dir", help="the run folder (<output_dir>/<name>)")
+    _add_reference_argument(merge)
     merge.set_defaults(func=cmd_merge)
 
     demo = subparsers.add_parser("demo", help="the main job on the embedded synthetic data: synth, stage 1, 5-fold CV, report")
@@ -46,7 +53,10 @@ def register(subparsers) -> None:
 
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # Lightning prints its own INFO lines (GPU/TPU available, tips) through its handler and again through ours.
+    # Lightning prints its own INFO lines (GPU/TPU available, tips) through its handler and again through ours. It
+    # sets its loggers' level when imported, so import it first, then quieten it.
+    import lightning.pytorch  # noqa: F401
+
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
 
@@ -65,7 +75,7 @@ def cmd_cv(args) -> int:
 def cmd_merge(args) -> int:
     from tlese.train.merge import merge_run
 
-    paths = merge_run(Path(args.run_dir))
+    paths = merge_run(Path(args.run_dir), references=args.reference)
     print(f"report: {paths['html']}\nmarkdown: {paths['md']}")
     return 0
 

@@ -161,6 +161,8 @@ def run_fold(experiment: Experiment, arm: Arm, fold: int, data: PreparedData, fo
         "best_checkpoint": str(result.best_checkpoint), "epochs_run": result.epochs_run,
         "seconds": round(time.time() - started, 1), "run_by": _run_by(),
     }, indent=2))
+    log.info("%s fold %d: %d epochs in %.0f s; %d held-out images of %d patients predicted", arm.name, fold,
+             result.epochs_run, time.time() - started, len(test), test["patient_id"].nunique())
     return fold_dir
 
 

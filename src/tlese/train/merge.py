@@ -44,8 +44,12 @@ def _fold_infos(arm_dir: Path) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted(arm_dir.glob("fold_*/fold_info.json"))]
 
 
-def merge_run(run_dir: str | Path) -> dict[str, Path]:
-    """Write `<arm>/report.{html,md}` for each arm with predictions and `report.{html,md}` comparing the arms."""
+def merge_run(run_dir: str | Path, references: list[str] | None = None) -> dict[str, Path]:
+    """Write `<arm>/report.{html,md}` for each arm with predictions and `report.{html,md}` comparing the arms.
+
+    Paired tests compare every arm with each of `references` (default: the config's first arm); a pair is tested
+    once, against the earlier reference.
+    """
     from tlese.data.tasks import get_task
     from tlese.evaluate.report import write_report
     from tlese.evaluate.tables import comparison_table, fold_warnings, per_fold_table, summary_table
@@ -105,10 +109,19 @@ def merge_run(run_dir: str | Path) -> dict[str, Path]:
     overview = pd.DataFrame(rows)
     overview.to_csv(run_dir / "comparison.csv", index=False)
     comparison = None
+    references = list(references or [next(iter(unit_predictions))])
+    missing = [name for name in references if name not in unit_predictions]
+    if missing:
+        raise ValueError(f"reference arm(s) {missing} have no predictions in {run_dir}; arms with predictions: "
+                         f"{list(unit_predictions)}")
     if len(unit_predictions) > 1:
-        reference = next(iter(unit_predictions))
-        comparison = comparison_table(unit_predictions, class_names, reference=reference,
-                                      n_boot=max(experiment.bootstrap, 200), seed=experiment.seed)
+        tables = []
+        for index, reference in enumerate(references):
+            others = {name: frame for name, frame in unit_predictions.items() if name not in references[:index]}
+            if len(others) > 1:
+                tables.append(comparison_table(others, class_names, reference=reference,
+                                               n_boot=max(experiment.bootstrap, 200), seed=experiment.seed))
+        comparison = pd.concat(tables, ignore_index=True)
         comparison.to_csv(run_dir / "paired_tests.csv", index=False)
     first = next(iter(unit_predictions))
     top = write_report(

@@ -43,6 +43,10 @@ def seed_everything(seed: int) -> None:
     pl.seed_everything(seed, workers=True, verbose=False)
 
 
+_WARNED_MISSING: set[str] = set()
+_LOGGED_STAGE1: set[str] = set()
+
+
 def model_kwargs(arm: Arm, experiment: Experiment, num_classes: int, views: str) -> dict:
     """`create_model` arguments (besides name and pretrained) of the arm's model: also rebuilds it to load a checkpoint."""
     kwargs = dict(num_classes=num_classes, in_chans=experiment.in_chans, views=views, **arm.model_options)
@@ -63,7 +67,9 @@ def new_model(arm: Arm, experiment: Experiment, num_classes: int, views: str) ->
     except FileNotFoundError as error:
         if arm.missing_weights == "error":
             raise
-        log.warning("arm %s: ImageNet weights missing, starting from scratch as configured: %s", arm.name, error)
+        if arm.name not in _WARNED_MISSING:  # once per arm and process: every fold would repeat the same advice
+            _WARNED_MISSING.add(arm.name)
+            log.warning("arm %s: ImageNet weights missing, starting from scratch as configured: %s", arm.name, error)
         return create_model(arm.model, pretrained=False, **kwargs), "missing -> scratch"
 
 
@@ -84,6 +90,11 @@ def run_cxr_stage(arm: Arm, experiment: Experiment, arm_dir: Path, resume: bool 
                "best_val_acc": float(history["val_acc"].max()) if "val_acc" in history and len(history) else None,
                "epochs": int(len(history))}
     (stage_dir / "stage_summary.json").write_text(json.dumps(summary, indent=2))
+    if arm.name not in _LOGGED_STAGE1:  # each fold asks for the stage-1 checkpoint; it is trained once
+        _LOGGED_STAGE1.add(arm.name)
+        log.info("%s stage 1 (chest X-ray, ImageNet %s): %d epochs, best internal validation accuracy %s", arm.name,
+                 imagenet, summary["epochs"],
+                 "n/a" if summary["best_val_acc"] is None else f"{summary['best_val_acc']:.3f}")
     return result.best_checkpoint, summary
 
 
