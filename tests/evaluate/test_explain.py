@@ -87,5 +87,5 @@ def test_overlay_png(tmp_path):
     path = save_overlay(spot_image(20, 20)[0, 0].numpy(), maps[0].numpy(), tmp_path / "cam" / "overlay.png", title="x")
     with Image.open(path) as written:
         assert written.size[0] > written.size[1] > 100
-    with pytest.raises(ValueError, match="same 2-D shape"):
+    with pytest.raises(ValueError, match=r"must have the same \(H, W\) or \(V, H, W\) shape"):
         save_overlay(maps[0].numpy(), maps[0, :10].numpy(), tmp_path / "bad.png")

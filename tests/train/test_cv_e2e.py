@@ -6,6 +6,7 @@ no patient leakage, determinism, degenerate folds, DDP), not the accuracy.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -80,8 +81,6 @@ def test_no_test_patient_in_its_training_or_validation_data(full_run):
 
 
 def test_cxr_backbone_reaches_the_mammography_model(full_run):
-    import json
-
     info = json.loads((full_run / "tlese_double" / "fold_0" / "fold_info.json").read_text())
     assert info["init"]["imagenet"] == "loaded"
     assert info["init"]["cxr_load_summary"].startswith("loaded ")
@@ -155,4 +154,4 @@ def test_two_process_ddp_on_cpu(synth, tmp_path):
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     fold_dir = tmp_path / "runs" / "tiny" / "plain_scratch" / "fold_0"
     assert (fold_dir / PREDICTIONS_IMAGES).is_file()
-    assert "distributed_backend=gloo" in completed.stderr + completed.stdout or "GLOBAL_RANK: 1" in completed.stderr + completed.stdout
+    assert json.loads((fold_dir / "fold_info.json").read_text())["world_size"] == 2  # two processes trained it

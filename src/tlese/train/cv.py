@@ -159,7 +159,7 @@ def run_fold(experiment: Experiment, arm: Arm, fold: int, data: PreparedData, fo
         "val_patients": int(val["patient_id"].nunique()), "test_patients": int(test["patient_id"].nunique()),
         "train_images": len(train), "val_images": len(val), "test_images": len(test),
         "best_checkpoint": str(result.best_checkpoint), "epochs_run": result.epochs_run,
-        "seconds": round(time.time() - started, 1), "run_by": _run_by(),
+        "world_size": result.world_size, "seconds": round(time.time() - started, 1), "run_by": _run_by(),
     }, indent=2))
     log.info("%s fold %d: %d epochs in %.0f s; %d held-out images of %d patients predicted", arm.name, fold,
              result.epochs_run, time.time() - started, len(test), test["patient_id"].nunique())

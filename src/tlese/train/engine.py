@@ -33,6 +33,7 @@ class FitResult:
     history: pd.DataFrame
     resumed_from: Path | None
     epochs_run: int
+    world_size: int = 1  # processes that trained it (DDP); recorded so a report can show how a model was trained
 
 
 def macro_auc(targets: np.ndarray, probs: np.ndarray) -> float:
@@ -182,7 +183,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, recipe: Recipe, 
     if resume and done.is_file():
         info = json.loads(done.read_text())
         return FitResult(Path(info["best_checkpoint"]), Path(info["last_checkpoint"]), read_history(out_dir),
-                         resumed_from=None, epochs_run=0)
+                         resumed_from=None, epochs_run=0, world_size=int(info.get("world_size", 1)))
 
     pl.seed_everything(seed, workers=True, verbose=False)
     on_gpu = _on_gpu(recipe)
@@ -229,10 +230,11 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, recipe: Recipe, 
                     val_dataloaders=make_eval_loader(val_set, recipe.batch_size, recipe.num_workers),
                     ckpt_path=str(resumed_from) if resumed_from else None)
     best_path = Path(best.best_model_path) if best.best_model_path else last
-    result = FitResult(best_path, last, read_history(out_dir), resumed_from, trainer.current_epoch)
+    result = FitResult(best_path, last, read_history(out_dir), resumed_from, trainer.current_epoch, trainer.world_size)
     if trainer.is_global_zero:
         done.write_text(json.dumps({"best_checkpoint": str(best_path), "last_checkpoint": str(last),
-                                    "epochs": trainer.current_epoch, "best_score": _as_float(best.best_model_score)}))
+                                    "epochs": trainer.current_epoch, "best_score": _as_float(best.best_model_score),
+                                    "world_size": trainer.world_size}))
     return result
 
 
