@@ -105,7 +105,11 @@ def test_merge_tests_against_a_chosen_reference(full_run):
     with pytest.raises(ValueError, match="reference arm\\(s\\) \\['nope'\\] have no predictions"):
         merge_run(full_run, references=["nope"])
     merge_run(full_run)  # back to the default reference (the first arm)
-    assert set(pd.read_csv(full_run / "paired_tests.csv")["reference"]) == {"tlese_double"}
+    paired = pd.read_csv(full_run / "paired_tests.csv")
+    assert set(paired["reference"]) == {"tlese_double"}
+    bootstrap = paired[paired["test"] == "paired patient bootstrap"]
+    assert (bootstrap["p_holm_pairs"] == bootstrap["p_value"]).all()  # one pair: nothing to adjust
+    assert paired.loc[paired["test"] != "paired patient bootstrap", "p_holm_pairs"].isna().all()
 
 
 def test_gradcam_overlays_explain_only_held_out_cases(full_run):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -121,7 +122,7 @@ def merge_run(run_dir: str | Path, references: list[str] | None = None) -> dict[
             if len(others) > 1:
                 tables.append(comparison_table(others, class_names, reference=reference,
                                                n_boot=max(experiment.bootstrap, 200), seed=experiment.seed))
-        comparison = pd.concat(tables, ignore_index=True)
+        comparison = _holm_over_pairs(pd.concat(tables, ignore_index=True))
         comparison.to_csv(run_dir / "paired_tests.csv", index=False)
     first = next(iter(unit_predictions))
     top = write_report(
@@ -131,3 +132,17 @@ def merge_run(run_dir: str | Path, references: list[str] | None = None) -> dict[
         notes=[*notes, f"ROC and confusion matrix shown for the first arm ({first}); each arm's own report is in its folder",
                *[f"{name}: {paths['html']}" for name, paths in reports.items()]])
     return {"html": Path(top["html"]), "md": Path(top["md"])}
+
+
+def _holm_over_pairs(comparison: pd.DataFrame) -> pd.DataFrame:
+    """Add `p_holm_pairs`: each bootstrap metric's p Holm-adjusted over every arm pair tested in this merge.
+
+    (`p_holm` of the DeLong rows adjusts over the classes of one pair; testing many arms needs the other correction.)
+    """
+    from tlese.evaluate.stats import holm_adjust
+
+    comparison = comparison.assign(p_holm_pairs=np.nan)
+    bootstrap = comparison["test"] == "paired patient bootstrap"
+    for _, rows in comparison[bootstrap].groupby("metric"):
+        comparison.loc[rows.index, "p_holm_pairs"] = holm_adjust(rows["p_value"].to_numpy(dtype=float))
+    return comparison
