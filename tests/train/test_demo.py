@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from tlese.cli import main
-from tlese.data.synth import synthesize
+from tlese.data.synth import SYNTH_VERSION, synthesize
 from tlese.train.commands import DEMO_PATIENTS, demo_config_path
 from tlese.train.config import load_experiment
 from tlese.train.cv import PREDICTIONS_BREASTS, run_cv
@@ -18,10 +18,14 @@ from tlese.train.cv import PREDICTIONS_BREASTS, run_cv
 def test_demo_refuses_data_made_with_another_patient_count(tmp_path, capsys):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    (data_dir / "synth_info.json").write_text(json.dumps({"n_patients": 12}))
+    (data_dir / "synth_info.json").write_text(json.dumps({"n_patients": 12, "version": SYNTH_VERSION}))
     assert main(["demo", "--out", str(tmp_path), "--patients", str(DEMO_PATIENTS)]) == 2
     error = capsys.readouterr().err
-    assert "synth_info.json" in error and f"12 patients, not {DEMO_PATIENTS}" in error
+    assert "synth_info.json" in error and f"12 patients from generator version {SYNTH_VERSION}, not {DEMO_PATIENTS}" in error
+    # data of an older generator (no version recorded) is refused too: the same seed draws different pixels now
+    (data_dir / "synth_info.json").write_text(json.dumps({"n_patients": DEMO_PATIENTS}))
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "generator version 1" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -36,6 +36,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy.ndimage import gaussian_filter
 
+SYNTH_VERSION = 2
+"""Bumped whenever the same seed would draw different pixels (2: subtypes visible at 96 px, atypical lesions)."""
 SUBTYPES = ("Luminal A", "Luminal B", "HER2-enriched", "triple negative")
 CXR_CLASSES = ("covid", "no_findings", "pneumonia")
 MAMMO_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.2"  # Digital Mammography X-Ray Image Storage - For Presentation
@@ -95,8 +97,8 @@ def synthesize(
     clinical.to_excel(clinical_file, index=False, sheet_name="Sheet1")
     cxr_labels = _write_chest_xrays(cxr_root, cxr_per_class, image_size, rng)
     info = out_dir / "synth_info.json"
-    info.write_text(json.dumps({"generator": "tlese.data.synth.synthesize", "seed": seed, "n_patients": n_patients,
-                                "image_size": image_size, "cxr_per_class": cxr_per_class,
+    info.write_text(json.dumps({"generator": "tlese.data.synth.synthesize", "version": SYNTH_VERSION, "seed": seed,
+                                "n_patients": n_patients, "image_size": image_size, "cxr_per_class": cxr_per_class,
                                 "breasts": int(len(clinical)),
                                 "subtype_counts": clinical["subtype"].value_counts().to_dict()},
                                indent=2, sort_keys=True))

@@ -94,7 +94,7 @@ def demo_config_path() -> Path:
 
 
 def cmd_demo(args) -> int:
-    from tlese.data.synth import synthesize
+    from tlese.data.synth import SYNTH_VERSION, synthesize
     from tlese.train.config import load_experiment
     from tlese.train.cv import run_cv
     from tlese.train.merge import merge_run
@@ -105,9 +105,10 @@ def cmd_demo(args) -> int:
     data_dir = out / "data"
     info_file = data_dir / "synth_info.json"
     if info_file.is_file():  # a rerun reuses the data, the prepared cache and finished folds
-        made_with = json.loads(info_file.read_text()).get("n_patients")
-        if made_with != args.patients:
-            raise ValueError(f"{info_file}: the data there has {made_with} patients, not {args.patients}; "
+        made = json.loads(info_file.read_text())
+        if made.get("n_patients") != args.patients or made.get("version") != SYNTH_VERSION:
+            raise ValueError(f"{info_file}: the data there has {made.get('n_patients')} patients from generator "
+                             f"version {made.get('version', 1)}, not {args.patients} from version {SYNTH_VERSION}; "
                              f"use another --out or delete {out}")
         paths = {"mammo_root": data_dir / "cmmd", "cxr_root": data_dir / "cxr"}
     else:
