@@ -29,6 +29,15 @@ class SpotDetector(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
+class DualSpotDetector(SpotDetector):
+    """The same evidence rule over (B, 2, 1, H, W): both views through one backbone as B * 2 images, as the
+    registry's dual-view models do (`x.flatten(0, 1)`), scores averaged over the views."""
+
+    def forward(self, x):
+        features = self.features(x.flatten(0, 1)).mean(dim=(1, 2, 3)).view(x.shape[0], x.shape[1])
+        return self.head(features.mean(dim=1, keepdim=True))
+
+
 def spot_image(row: int, col: int) -> torch.Tensor:
     image = torch.zeros(1, 1, 64, 64)
     image[..., row:row + 6, col:col + 6] = 1.0
@@ -47,6 +56,20 @@ def test_map_peaks_on_the_evidence_and_is_empty_for_the_opposing_class():
         assert maps[index, :, :].mean() < 0.1  # most of the image carries no evidence
     against, _ = grad_cam(model, images, class_index=0)
     assert torch.count_nonzero(against) == 0  # brightness only argues against "dark": ReLU leaves nothing
+
+
+def test_dual_view_maps_follow_the_view_order_and_share_one_scale():
+    blank = torch.zeros(1, 1, 64, 64)
+    breasts = torch.stack([torch.cat([blank, spot_image(10, 40)]),  # breast 0: spot in MLO only
+                           torch.cat([spot_image(44, 8), blank])])  # breast 1: spot in CC only
+    maps, _ = grad_cam(DualSpotDetector(), breasts, class_index=1)
+    assert maps.shape == (2, 2, 64, 64)
+    assert torch.count_nonzero(maps[0, 0]) == 0 and maps[0, 1].max() == pytest.approx(1.0)
+    assert torch.count_nonzero(maps[1, 1]) == 0 and maps[1, 0].max() == pytest.approx(1.0)
+    assert divmod(int(maps[0, 1].argmax()), 64)[0] in range(9, 18)  # near the MLO spot (rows 10-15)
+    half = torch.stack([torch.cat([spot_image(10, 40) * 0.5, spot_image(10, 40)])])
+    maps, _ = grad_cam(DualSpotDetector(), half, class_index=1)
+    assert maps[0, 0].max() == pytest.approx(0.5, abs=0.02)  # the fainter view stays fainter
 
 
 @pytest.mark.parametrize("views", ["single", "dual"])

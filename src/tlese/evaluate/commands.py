@@ -43,6 +43,8 @@ def register(subparsers) -> None:
     explain.add_argument("--per-class", type=int, default=2, help="cases per true class (default 2)")
     explain.add_argument("--layer", default=None, help="module name to explain (default: the model's gradcam_layer)")
     explain.add_argument("--out", type=Path, default=None, help="folder (default <run>/<arm>/fold_<k>/gradcam)")
+    explain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override the run's config, e.g. --set target.root=/new/place/of/the/data")
     explain.set_defaults(func=run_explain)
 
 
@@ -75,7 +77,7 @@ def run_explain(args: argparse.Namespace) -> int:
     if args.per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
     out_dir = explain_fold(args.run_dir, args.arm, args.fold, per_class=args.per_class, layer=args.layer,
-                           out_dir=args.out)
+                           out_dir=args.out, overrides=args.overrides)
     count = len(pd.read_csv(out_dir / "index.csv"))
     print(f"{count} Grad-CAM overlay(s) in {out_dir} (index.csv lists them)")
     return 0

@@ -8,6 +8,7 @@ cells wide, so a map is coarse by construction.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,8 @@ def grad_cam(model: nn.Module, images: torch.Tensor, class_index: int | list[int
     images: the model's input, `(B, C, H, W)` or dual-view `(B, 2, C, H, W)`, in [0, 1].
     class_index: the class to explain per image (int, list or tensor of B); default the predicted class.
     layer: module name; default `model.gradcam_layer`.
-    Returns `(maps, logits)`: maps `(B, H, W)` or `(B, 2, H, W)`, each scaled to [0, 1] by its own maximum (all zero
-    when no location supports the class); logits `(B, num_classes)`. The model's mode and its parameters' gradients
+    Returns `(maps, logits)`: maps `(B, H, W)` or `(B, 2, H, W)`, each case scaled to [0, 1] by its maximum (over
+    both views of a breast, so their brightness compares; all zero when no location supports the class); logits `(B, num_classes)`. The model's mode and its parameters' gradients
     are left as they were.
     """
     name = layer or getattr(model, "gradcam_layer", None)
@@ -73,11 +74,24 @@ def grad_cam(model: nn.Module, images: torch.Tensor, class_index: int | list[int
     weights = gradients.mean(dim=(2, 3), keepdim=True)  # one weight per channel: its average gradient
     maps = F.relu((weights * activations).sum(dim=1, keepdim=True)).detach()
     maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
-    maps = torch.where(peak > 1e-12, maps / peak, torch.zeros_like(maps))
     if images.ndim == 5:  # (B * V, H, W) -> (B, V, H, W), in the order the model flattened the views
         maps = maps.view(images.shape[0], images.shape[1], *maps.shape[-2:])
+    # One scale per case: the views of a breast share their maximum, so a view with little evidence stays dim.
+    peak = maps.flatten(1).amax(dim=1).view(-1, *[1] * (maps.ndim - 1))
+    maps = torch.where(peak > 1e-12, maps / peak.clamp_min(1e-12), torch.zeros_like(maps))
     return maps, logits.detach()
+
+
+def _fold_checkpoint(fold_dir: Path) -> Path:
+    """The checkpoint the fold predicted with: `fold_info.json`'s best (by file name, so a moved run still works)."""
+    info_file = fold_dir / "fold_info.json"
+    if not info_file.is_file():
+        raise FileNotFoundError(f"{info_file}: no finished fold here (run `tlese cv` first)")
+    recorded = Path(json.loads(info_file.read_text()).get("best_checkpoint", "best.ckpt")).name
+    checkpoint = fold_dir / "checkpoints" / recorded
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{checkpoint}: the checkpoint this fold predicted with is missing")
+    return checkpoint
 
 
 def _class_indices(class_index, logits: torch.Tensor) -> torch.Tensor:
@@ -132,31 +146,37 @@ def save_overlay(images: np.ndarray, maps: np.ndarray, path: str | Path, title: 
 
 
 def explain_fold(run_dir: str | Path, arm_name: str, fold: int, per_class: int = 2, layer: str | None = None,
-                 out_dir: str | Path | None = None) -> Path:
-    """Grad-CAM overlays for held-out cases of one fold of a cross-validation run, with the fold's best checkpoint.
+                 out_dir: str | Path | None = None, overrides: list[str] | None = None) -> Path:
+    """Grad-CAM overlays for held-out cases of one fold of a cross-validation run, with the fold's selected checkpoint.
 
     Per true class, the `per_class` test cases (breasts for dual-view runs, images otherwise) with the most confident
-    predictions are explained for their predicted class: right and wrong calls alike. Writes PNGs and `index.csv`
-    (file, patient_id, side, view, true, predicted, probability) into `out_dir` (default
-    `<run>/<arm>/fold_<k>/gradcam`) and returns that folder. Needs the run's data roots and prepared cache.
+    predictions are explained for their predicted class: right and wrong calls alike. The test patients are the ones
+    the fold recorded in its `split.csv`, and the checkpoint the one it predicted with (`fold_info.json`). Writes PNGs
+    and `index.csv` (file, patient_id, side, view, true, predicted, probability) into `out_dir` (default
+    `<run>/<arm>/fold_<k>/gradcam`) and returns that folder. Needs the run's data and prepared cache; `overrides`
+    (`key=value`, as for `tlese cv --set`) point at data that has moved.
     """
-    from tlese.data.splits import load_folds
     from tlese.models import create_model
     from tlese.train import engine
     from tlese.train.config import load_experiment
     from tlese.train.data import make_dataset, prepare
-    from tlese.train.stages import fold_tables, model_kwargs
+    from tlese.train.stages import model_kwargs
 
     run_dir = Path(run_dir)
-    experiment = load_experiment(run_dir / "config.yaml")
+    experiment = load_experiment(run_dir / "config.yaml", overrides or [])
     arm = experiment.arm(arm_name)
     fold_dir = run_dir / arm.name / f"fold_{fold}"
-    checkpoint = fold_dir / "checkpoints" / "best.ckpt"
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no trained model for {arm.name} fold {fold} (run `tlese cv` first)")
+    checkpoint = _fold_checkpoint(fold_dir)
+    split_file = fold_dir / "split.csv"
+    if not split_file.is_file():
+        raise FileNotFoundError(f"{split_file}: the fold's record of its test patients is missing")
+    split = pd.read_csv(split_file, dtype={"patient_id": str})
+    test_patients = set(split.loc[split["role"] == "test", "patient_id"])
     data = prepare(experiment.target, experiment)
-    folds = load_folds(run_dir / f"folds_seed{experiment.seed}_k{experiment.folds}.csv")
-    _, _, test = fold_tables(data, folds, fold, experiment.target_recipe.val_fraction, experiment.seed)
+    test = data.table[data.table["patient_id"].astype(str).isin(test_patients)]
+    if test.empty:
+        raise ValueError(f"{split_file}: none of its {len(test_patients)} test patients is in the data of "
+                         f"{experiment.target.root}")
     views = experiment.views
     model = create_model(arm.model, pretrained=False, **model_kwargs(arm, experiment, data.num_classes, views))
     engine.load_trained_weights(model, checkpoint).eval()

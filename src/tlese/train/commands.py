@@ -81,11 +81,16 @@ def cmd_merge(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    cmd_cv(args)
     from tlese.train.config import load_experiment
     from tlese.train.cv import run_dir_of
 
-    args.run_dir = str(run_dir_of(load_experiment(args.config, args.overrides)))
+    experiment = load_experiment(args.config, args.overrides)
+    arms = [arm.name for arm in experiment.arms]
+    unknown = [name for name in args.reference or [] if name not in arms]
+    if unknown:  # before hours of training, not after
+        raise ValueError(f"--reference {unknown} not among the config's arms {arms}")
+    cmd_cv(args)
+    args.run_dir = str(run_dir_of(experiment))
     return cmd_merge(args)
 
 

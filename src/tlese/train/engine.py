@@ -33,7 +33,7 @@ class FitResult:
     history: pd.DataFrame
     resumed_from: Path | None
     epochs_run: int
-    world_size: int = 1  # processes that trained it (DDP); recorded so a report can show how a model was trained
+    world_size: int | None = 1  # processes that trained it (DDP); None: finished before this was recorded
 
 
 def macro_auc(targets: np.ndarray, probs: np.ndarray) -> float:
@@ -183,7 +183,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, recipe: Recipe, 
     if resume and done.is_file():
         info = json.loads(done.read_text())
         return FitResult(Path(info["best_checkpoint"]), Path(info["last_checkpoint"]), read_history(out_dir),
-                         resumed_from=None, epochs_run=0, world_size=int(info.get("world_size", 1)))
+                         resumed_from=None, epochs_run=0, world_size=info.get("world_size"))
 
     pl.seed_everything(seed, workers=True, verbose=False)
     on_gpu = _on_gpu(recipe)

@@ -110,7 +110,7 @@ def merge_run(run_dir: str | Path, references: list[str] | None = None) -> dict[
     overview = pd.DataFrame(rows)
     overview.to_csv(run_dir / "comparison.csv", index=False)
     comparison = None
-    references = list(references or [next(iter(unit_predictions))])
+    references = list(dict.fromkeys(references or [next(iter(unit_predictions))]))  # in order, each once
     missing = [name for name in references if name not in unit_predictions]
     if missing:
         raise ValueError(f"reference arm(s) {missing} have no predictions in {run_dir}; arms with predictions: "
