@@ -37,6 +37,24 @@ def machine(packages: tuple[str, ...] = ("torch", "torchvision", "numpy")) -> di
     }
 
 
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How the benchmark was invoked, for the results header (`python benchmarks/<script> <args>`)."""
+    import sys
+
+    return (f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+
+
+def publish(results: dict, text: str, out: Path, stem: str, write: bool) -> None:
+    """Print the Markdown table; with `write`, also save `<out>/<stem>.json` (the numbers) and `<stem>.md`."""
+    import json
+
+    print(text, flush=True)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(text)
+
+
 def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 

@@ -11,7 +11,6 @@ image (batch 2, halved; `saved_tensors_hooks`, distinct storages, parameters exc
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import RESULTS, build, header, machine, now, saved_activation_bytes  # noqa: E402
+from bench_common import (RESULTS, build, command_line, header, machine, now, publish,  # noqa: E402
+                          saved_activation_bytes)
 
 BYTES_PER_PARAM_TRAIN = 16  # fp32 weight + grad + AdamW exp_avg + exp_avg_sq
 TRAIN_BATCH = 16
@@ -116,16 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="write benchmarks/results/cost.md and .json")
     parser.add_argument("--out", type=Path, default=RESULTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    command = ("python benchmarks/bench_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = command_line("bench_cost.py", argv)
     info = machine()
     results = run(args.models, args.sizes, memory=not args.no_memory)
     results.update(command=command, date=now(), machine=info)
-    text = to_markdown(results)
-    print(text, flush=True)
-    if args.write:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "cost.json").write_text(json.dumps(results, indent=2) + "\n")
-        (args.out / "cost.md").write_text(text)
+    publish(results, to_markdown(results), args.out, "cost", args.write)
     return 0
 
 

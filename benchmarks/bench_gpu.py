@@ -11,7 +11,6 @@ Without a CUDA device it prints why and exits with status 0 (status 1 with --req
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -20,7 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import RESULTS, build, header, machine, now, speed_table, summarise  # noqa: E402
+from bench_common import (RESULTS, build, command_line, header, machine, now, publish,  # noqa: E402
+                          speed_table, summarise)
 
 MODELS = ("tlese_mbv2", "tlese_lite0", "mbv2_plain", "lite0_plain", "mobilenet_v2", "resnet50", "densenet121")
 
@@ -114,18 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_gpu: no CUDA device available (torch {torch.__version__}, built with CUDA "
               f"{torch.version.cuda}); nothing measured. Run it on a machine with an NVIDIA GPU.", file=sys.stderr)
         return 1 if args.require_cuda else 0
-    command = ("python benchmarks/bench_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = command_line("bench_gpu.py", argv)
     info = machine()
     results = run(args.models, args.size, args.infer_batch, args.train_batch, args.reps, args.iters, args.warmup,
                   amp=not args.fp32)
     results.update(command=command, date=now(), machine=info, card=torch.cuda.get_device_name(0),
                    cuda=torch.version.cuda)
-    text = to_markdown(results)
-    print(text, flush=True)
-    if args.write:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu.json").write_text(json.dumps(results, indent=2) + "\n")
-        (args.out / "gpu.md").write_text(text)
+    publish(results, to_markdown(results), args.out, "gpu", args.write)
     return 0
 
 

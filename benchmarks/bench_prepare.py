@@ -14,20 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from importlib.metadata import version
 from pathlib import Path
 
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import REPO, RESULTS, machine as machine_with  # noqa: E402
+from bench_common import REPO, RESULTS, command_line, machine as machine_with  # noqa: E402
 
 MIAS_DIR = REPO.parent / "shared" / "data" / "mini-mias"
 PACKAGES = ("numpy", "torch", "pydicom", "pillow", "scipy", "pylibjpeg-rle")
@@ -256,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mias-limit", type=int, default=None)
     parser.add_argument("--write", action="store_true", help="write benchmarks/results/prepare.md and .json")
     args = parser.parse_args(argv)
-    command = ("python benchmarks/bench_prepare.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = command_line("bench_prepare.py", argv)
     runs, texts = [], []
     for workers in args.workers:
         info = machine()  # load average just before each run

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (RESULTS, build, header, interleaved, machine, now,  # noqa: E402
+from bench_common import (RESULTS, build, command_line, header, interleaved, machine, now,  # noqa: E402
                           saved_activation_bytes, summarise)
 
 MODELS = ("tlese_mbv2", "tlese_lite0", "resnet50", "densenet121")
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="write benchmarks/results/scaling.md, .json, .png")
     parser.add_argument("--out", type=Path, default=RESULTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    command = ("python benchmarks/bench_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = command_line("bench_scaling.py", argv)
     torch.set_num_threads(args.threads)
     info = machine()
     results = run(args.models, args.sizes, args.reps)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import RESULTS, build, header, interleaved, machine, now, speed_table, summarise  # noqa: E402
+from bench_common import (RESULTS, build, command_line, header, interleaved, machine, now,  # noqa: E402
+                          publish, speed_table, summarise)
 
 MODELS = ("tlese_mbv2", "tlese_lite0", "mbv2_plain", "lite0_plain", "resnet50", "densenet121")  # mobilenet_v2 = mbv2_plain's architecture
 TLESE = ("tlese_mbv2", "tlese_lite0")
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="write benchmarks/results/speed.md and .json")
     parser.add_argument("--out", type=Path, default=RESULTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    command = ("python benchmarks/bench_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = command_line("bench_speed.py", argv)
     torch.set_num_threads(args.threads)
     info = machine()
     large = None if args.train_large_models == ["all"] else args.train_large_models
@@ -298,12 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                   profile_train_size=args.profile_train_size,
                   log=lambda text: print(text, file=sys.stderr, flush=True), on_section=save)
     results.update(command=command, date=now(), machine=info)
-    text = to_markdown(results)
-    print(text, flush=True)
+    publish(results, to_markdown(results), args.out, "speed", args.write)
     if args.write:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
-        (args.out / "speed.md").write_text(text)
         (args.out / "speed.partial.json").unlink(missing_ok=True)
     return 0
 
