@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 COMMAND_MODULES = (
@@ -32,13 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_command(argv: list[str] | None) -> str:
+    words = ["tlese", *(sys.argv[1:] if argv is None else argv)]
+    return " ".join(shlex.quote(word) for word in words if word != "--no-resume")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as error:
+    except (ValueError, FileNotFoundError, KeyError, AssertionError) as error:
         print(f"tlese {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        # Finished stages, folds and prepared images are on disk; an interrupted stage resumes from its last epoch.
+        detail = f" {interrupt}" if str(interrupt) else ""
+        print(f"\ntlese {args.command}: interrupted.{detail}\nEverything finished is kept; the same command resumes: "
+              f"{_resume_command(argv)}", file=sys.stderr)
+        return 130
     return int(result or 0)
 
 

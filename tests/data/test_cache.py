@@ -82,7 +82,9 @@ def test_changed_source_or_params_are_prepared_again(tmp_path, good_files):
 def test_bad_files_are_reported_not_fatal(tmp_path, good_files, bad_files):
     table = pd.concat([good_files, bad_files], ignore_index=True)
     with pytest.warns(UserWarning, match="skipped 5 of 8"):
-        prepared, summary = prepare_table(table, PARAMS, tmp_path / "cache", workers=1, progress=False)
+        # 5 of 8 skipped is far above the default max_skipped_fraction: accepted here on purpose
+        prepared, summary = prepare_table(table, PARAMS, tmp_path / "cache", workers=1, progress=False,
+                                          max_skipped_fraction=1.0)
     assert len(prepared) == 3 and prepared["prepared_path"].notna().all()
     reasons = dict(summary.skipped)
     assert set(reasons) == set(bad_files["path"])
@@ -99,7 +101,8 @@ def test_bad_files_are_reported_not_fatal(tmp_path, good_files, bad_files):
 def test_workers_in_parallel_processes(tmp_path, good_files, bad_files):
     table = pd.concat([good_files, bad_files], ignore_index=True)
     with pytest.warns(UserWarning):
-        prepared, summary = prepare_table(table, PARAMS, tmp_path / "cache", workers=2, progress=False)
+        prepared, summary = prepare_table(table, PARAMS, tmp_path / "cache", workers=2, progress=False,
+                                          max_skipped_fraction=1.0)
     assert (summary.prepared, len(summary.skipped)) == (3, 5)
     serial, _ = prepare_table(good_files, PARAMS, tmp_path / "serial", workers=1, progress=False)
     for parallel_path, serial_path in zip(prepared["prepared_path"], serial["prepared_path"]):

@@ -17,7 +17,6 @@ from tlese.data.datasets import get_adapter, list_adapters, load_dataset, regist
 from tlese.data.datasets._common import TABLE_COLUMNS
 from tlese.data.datasets.cmmd import load_cmmd, load_cmmd_labels, normalize_subtype
 from tlese.data.datasets.mias import mias_patient_and_side, parse_info_txt
-from tlese.data.io import ImageReadError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Fixture writers
@@ -120,11 +119,15 @@ def test_cmmd_takes_side_and_view_from_headers_and_labels_from_the_clinical_file
     assert table.attrs["labels"].endswith("CMMD_clinicaldata_revision.xlsx")
 
 
-def test_cmmd_header_side_contradicting_the_clinical_file_names_the_file(tmp_path):
+def test_cmmd_header_side_contradicting_the_clinical_file_is_skipped_and_named(tmp_path):
     root = make_cmmd(tmp_path, [["D1-0007", "L", 40, 2, "mass", "Benign", ""]],
                      [("D1-0007", "L", "CC"), ("D1-0007", "R", "MLO")], xlsx=False)
-    with pytest.raises(ImageReadError, match=r"D1-0007/.*1-2\.dcm: laterality conflict.*says R.*says L"):
-        load_cmmd(root)
+    with pytest.warns(UserWarning, match=r"D1-0007/.*1-2\.dcm: laterality conflict.*says R.*only for L"):
+        table = load_cmmd(root)
+    assert table["image_id"].str.endswith("1-1.dcm").tolist() == [True]  # the contradicting image is left out
+    [(where, reason)] = table.attrs["skipped"]
+    assert where.endswith("D1-0007/07-18-2010-NA-NA-79377/1.000000-NA-70244/1-2.dcm")
+    assert reason.startswith("laterality conflict: DICOM ImageLaterality says R")
 
 
 def test_cmmd_image_of_a_patient_missing_from_the_clinical_file_is_an_error(tmp_path):

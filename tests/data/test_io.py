@@ -302,3 +302,29 @@ def test_cbis_ddsm_dicoms_load_with_right_view_and_side(cbis_dicoms):
         assert pixels.max() > 255, path.name  # 16-bit range kept
         found.add((side, view))
     assert found == {("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")}
+
+
+@pytest.mark.parametrize("transfer_syntax", [None, RLELossless], ids=["native", "rle"])
+def test_values_beyond_bits_stored_are_refused_not_masked(tmp_path, pixels16, transfer_syntax):
+    # pydicom would silently clear the bits above BitsStored, leaving a wrong image
+    path = write_dicom(tmp_path / "b.dcm", pixels16, transfer_syntax=transfer_syntax)
+    ds = pydicom.dcmread(path)
+    ds.BitsStored, ds.HighBit = 8, 7
+    ds.save_as(path)
+    largest = int(pixels16.max())
+    with pytest.raises(ImageReadError, match=rf"b\.dcm: pixel values up to {largest} do not fit BitsStored 8 "
+                                             r"\(largest valid value 255\)"):
+        read_image(path)
+    ds.BitsStored, ds.HighBit = 12, 11  # the true depth reads exactly
+    ds.save_as(path)
+    np.testing.assert_array_equal(read_image(path)[0], pixels16)
+
+
+def test_header_keeps_only_a_hash_of_the_sop_instance_uid(tmp_path, pixels16):
+    import hashlib
+
+    path = write_dicom(tmp_path / "u.dcm", pixels16)
+    uid = str(pydicom.dcmread(path).SOPInstanceUID)
+    header = read_header(path)
+    assert header.instance_hash == hashlib.sha256(uid.encode()).hexdigest()[:32]
+    assert uid not in repr(header)

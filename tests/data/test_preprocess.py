@@ -11,6 +11,7 @@ from tlese.data.io import ImageReadError, read_image
 from tlese.data.preprocess import (
     PREPROCESS_VERSION,
     PreprocessParams,
+    UnusableImageError,
     breast_box,
     breast_mask,
     crop_to_breast,
@@ -101,12 +102,13 @@ def test_crop_keeps_breast_and_drops_empty_background():
     assert cropped.shape[0] < 240 and cropped.shape[1] < 260
 
 
-def test_blank_image_keeps_everything():
+def test_blank_image_keeps_everything_but_is_refused_as_model_input():
     image = np.zeros((50, 40), np.float32)
     assert not breast_mask(image).any()
     assert crop_to_breast(image).shape == (50, 40)
-    out = preprocess_image(image, "L", PreprocessParams(size=32))
-    assert out.shape == (32, 32) and np.all(out == 0)
+    # an all-zero model input would train silently on nothing: the one path refuses it with the reason
+    with pytest.raises(UnusableImageError, match=r"constant image \(all pixels 0\)"):
+        preprocess_image(image, "L", PreprocessParams(size=32))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,3 +278,56 @@ def test_mini_mias_crop_and_orientation(mias_dir):
         if not _check_real_image(pixels, row.side, row.image_id):
             mismatched.add(row.image_id)
     assert mismatched == MIAS_FACING_THE_OTHER_WAY
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pixels that cannot give a model input are refused with the reason
+
+
+@pytest.mark.parametrize(
+    ("pixels", "modality", "reason"),
+    [
+        (np.zeros((1, 1), np.float32), "mammo", r"image too small \(1 x 1 pixels"),
+        (np.full((60, 50), 812.0, np.float32), "cxr", r"constant image \(all pixels 812\)"),
+        (np.where(np.random.default_rng(0).random((200, 150)) < 0.001, 4000.0, 0.0).astype(np.float32), "mammo",
+         r"no breast found \(the breast mask covers 0\.0% of the image\)"),
+        (np.random.default_rng(1).normal(100, 5, (200, 150)).astype(np.float32), "mammo", r"no breast found"),
+        (np.where(np.random.default_rng(2).random((200, 150)) < 0.001, 4000.0, 0.0).astype(np.float32), "cxr",
+         r"no contrast in the image \(its 0\.5-99\.5 percentile window is flat at 0\)"),
+        (np.full((60, 50), np.nan, np.float32), "mammo", r"not finite"),
+    ],
+    ids=["1x1", "constant", "hot-pixels", "noise", "flat-cxr", "nan"],
+)
+def test_unusable_pixels_are_refused_with_the_reason(pixels, modality, reason):
+    with pytest.raises(UnusableImageError, match=reason):
+        preprocess_image(pixels, None, PreprocessParams(size=32, modality=modality))
+
+
+def test_prepare_skips_unusable_images_with_their_reason_and_prepares_the_rest(tmp_path):
+    import pandas as pd
+    import pydicom
+
+    from tlese.data.cache import prepare_table
+
+    files = {"blank.png": np.zeros((120, 90), np.uint8), "tiny.png": np.full((1, 1), 7, np.uint8),
+             "good.png": synthetic_breast().astype(np.uint16)}
+    for name, pixels in files.items():
+        Image.fromarray(pixels).save(tmp_path / name)
+    twelve_bit = (synthetic_breast() / synthetic_breast().max() * 4095).astype(np.uint16)
+    path = write_dicom(tmp_path / "bits.dcm", twelve_bit, image_laterality="L")
+    ds = pydicom.dcmread(path)
+    ds.BitsStored, ds.HighBit = 8, 7  # the header claims 8 bits for 12-bit data
+    ds.save_as(path)
+    table = pd.DataFrame({"path": [str(tmp_path / name) for name in [*files, "bits.dcm"]], "side": "L"})
+    with pytest.warns(UserWarning, match="skipped 3 of 4"):
+        prepared, summary = prepare_table(table, PreprocessParams(size=32), tmp_path / "cache", workers=1,
+                                          progress=False, root=tmp_path, max_skipped_fraction=1.0)
+    assert prepared["path"].tolist() == [str(tmp_path / "good.png")]
+    assert summary.skipped == [
+        ("blank.png", "constant image (all pixels 0)"),
+        ("tiny.png", "image too small (1 x 1 pixels; at least 32 per side)"),
+        ("bits.dcm", "pixel values up to 4095 do not fit BitsStored 8 (largest valid value 255): the header's bit "
+                     "depth is wrong"),
+    ]
+    with pytest.raises(ImageReadError, match=r"blank\.png: constant image"):
+        preprocess_file(tmp_path / "blank.png", "L", PreprocessParams(size=32))

@@ -85,7 +85,7 @@ def test_load_folds_rejects_bad_files_and_warns_on_changed_data(tmp_path):
     table = encoded_table(n_patients=20)
     path = save_folds(make_folds(table, k=5, seed=0), tmp_path / "folds.csv")
     changed = table.assign(target=(table["target"] + 1) % 3)
-    with pytest.warns(UserWarning, match="differs from the one these folds were made from"):
+    with pytest.warns(UserWarning, match="differ from the data these folds were made from"):
         load_folds(path, table=changed)
     extra = pd.concat([table, table.head(1).assign(patient_id="NEW")])
     with pytest.raises(ValueError, match=r"1 patient\(s\) of the table have no fold, e.g. NEW"):

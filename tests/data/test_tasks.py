@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+import yaml
 
-from tlese.data.tasks import Task, get_task, list_tasks, register_task
+from tlese.data.tasks import Task, TaskFieldError, get_task, list_tasks, register_task
 
 
 def breast_table(rows: list[tuple[str, str, str, str]]) -> pd.DataFrame:
@@ -126,7 +127,7 @@ def test_task_from_dict_validates_and_round_trips():
     assert encoded["target"].tolist() == [1] and report.dropped["label excluded by grouping"] == 1
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['clases'\]"):
         Task.from_dict({**config, "clases": []})
-    with pytest.raises(ValueError, match=r"grouping maps to \['medium'\]"):
+    with pytest.raises(ValueError, match=r"task\.grouping: maps to \['medium'\]"):
         Task.from_dict({**config, "grouping": {"BI-RADS 3": "medium"}})
     with pytest.raises(ValueError, match="single_view_policy"):
         Task.from_dict({**config, "single_view_policy": "copy"})
@@ -141,3 +142,99 @@ def test_a_task_refuses_a_table_of_another_modality():
 def test_missing_label_column_is_named():
     with pytest.raises(ValueError, match="no column 'subtype'"):
         get_task("cmmd_subtype4").encode(pd.DataFrame({"patient_id": ["P1"], "view": ["CC"]}))
+
+
+# ----------------------------------------------------------------------------------- tasks defined in an experiment
+
+LUMINAL_INLINE = {  # the registry's cmmd_luminal, written in YAML instead of Python
+    "name": "luminal_inline", "label_column": "subtype", "classes": ["luminal", "non_luminal"],
+    "grouping": {"Luminal A": "luminal", "Luminal B": "luminal", "HER2-enriched": "non_luminal",
+                 "triple negative": "non_luminal"},
+}
+MIAS_DENSITY_INLINE = {"name": "density_inline", "label_column": "tissue", "classes": ["F", "G", "D"],
+                       "views": ["MLO"]}
+
+
+def experiment_file(tmp_path, task, cxr_task=None):
+    data = {"target": {"adapter": "cmmd", "root": "data", "task": task},
+            "arms": [{"name": "a", "model": "tlese_lite0", "transfer": "imagenet"}]}
+    if cxr_task is not None:
+        data["cxr"] = {"adapter": "darkcovidnet", "root": "cxr", "task": cxr_task}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def same_task(a: Task, b: Task) -> bool:
+    """Equal but for name and description."""
+    return {**a.to_dict(), "name": "", "description": ""} == {**b.to_dict(), "name": "", "description": ""}
+
+
+@pytest.mark.parametrize("inline, registered", [(LUMINAL_INLINE, "cmmd_luminal"),
+                                                (MIAS_DENSITY_INLINE, "mias_density")])
+def test_an_experiment_may_define_its_task_inline(tmp_path, inline, registered):
+    from tlese.train.config import dump_experiment, load_experiment
+
+    experiment = load_experiment(experiment_file(tmp_path, inline))
+    task = get_task(experiment.target.task)  # what train/, merge and explain call
+    reference = get_task(registered)
+    assert task.name == inline["name"] and same_task(task, reference)
+    assert (task.classes, task.label_column, task.views) == (reference.classes, reference.label_column, reference.views)
+    dump_experiment(experiment, tmp_path / "again.yaml")  # an inline task survives a dump and a reload
+    assert get_task(load_experiment(tmp_path / "again.yaml").target.task) == task
+
+
+def test_an_inline_task_encodes_as_the_registered_one():
+    table = breast_table([("P1", "L", "CC", "Luminal B"), ("P1", "L", "MLO", "Luminal B"),
+                          ("P2", "R", "CC", "triple negative"), ("P2", "R", "MLO", "triple negative")])
+    ours, _ = get_task(LUMINAL_INLINE).encode(table)
+    theirs, _ = get_task("cmmd_luminal").encode(table)
+    pd.testing.assert_frame_equal(ours, theirs)
+
+
+def test_get_task_takes_a_name_a_mapping_or_a_task():
+    task = get_task("mias_density")
+    assert get_task(task) is task and get_task(task.to_dict()) == task
+    with pytest.raises(ValueError, match="a task is a registered name or a mapping"):
+        get_task(["mias_density"])
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"clases": ["a", "b"]}, r"target\.task: unknown key\(s\) \['clases'\]; valid: \['name', 'label_column', "
+                            r"'classes'"),
+    ({"views": "MLO"}, r"target\.task\.views: expected a list of strings, got 'MLO'"),
+    ({"views": ["MLO", "ML"]}, r"target\.task\.views: expected distinct views from \['CC', 'MLO', 'any'\]"),
+    ({"classes": "FGD"}, r"target\.task\.classes: expected a list of strings"),
+    ({"classes": [1, 2]}, r"target\.task\.classes: expected non-empty strings \(quote numbers in YAML\)"),
+    ({"grouping": {"B": "benign"}}, r"target\.task\.grouping: maps to \['benign'\], which are not in classes"),
+    ({"grouping": ["F"]}, r"target\.task\.grouping: expected a mapping"),
+    ({"modality": "mri"}, r"target\.task\.modality: 'mri' is not one of \['mammo', 'cxr'\]"),
+    ({"single_view_policy": "copy"}, r"target\.task\.single_view_policy: 'copy' is not one of"),
+    ({"label_column": ""}, r"target\.task\.label_column: expected a non-empty string"),
+])
+def test_a_bad_inline_task_fails_at_load_naming_the_key(tmp_path, change, match):
+    from tlese.train.config import ConfigError, load_experiment
+
+    with pytest.raises(ConfigError, match=match):
+        load_experiment(experiment_file(tmp_path, {**MIAS_DENSITY_INLINE, **change}))
+
+
+def test_task_errors_at_load_name_the_source(tmp_path):
+    from tlese.train.config import ConfigError, load_experiment
+
+    missing = {k: v for k, v in MIAS_DENSITY_INLINE.items() if k != "label_column"}
+    with pytest.raises(ConfigError, match=r"target\.task: missing key\(s\) \['label_column'\]"):
+        load_experiment(experiment_file(tmp_path, missing))
+    with pytest.raises(ConfigError, match=r"exp\.yaml: target\.task: unknown task 'mias_densty'; valid: .*mias_dens"):
+        load_experiment(experiment_file(tmp_path, "mias_densty"))
+    with pytest.raises(ConfigError, match=r"cxr\.task\.modality: 'x-ray' is not one of"):
+        load_experiment(experiment_file(tmp_path, "mias_density",
+                                        cxr_task={**MIAS_DENSITY_INLINE, "modality": "x-ray"}))
+    with pytest.raises(ConfigError, match=r"target\.task: expected"):
+        load_experiment(experiment_file(tmp_path, ["mias_density"]))
+
+
+def test_a_task_built_in_python_names_the_bad_field():
+    with pytest.raises(TaskFieldError, match=r"task t: views: expected distinct views") as error:
+        Task("t", "label", ("a", "b"), views=("CC", "CC"))
+    assert error.value.key == "views"

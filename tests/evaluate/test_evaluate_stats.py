@@ -197,7 +197,7 @@ def test_paired_bootstrap_identical_models_and_clearly_better_model(predictions_
     better = paired_bootstrap_test(good, poor.sample(frac=1, random_state=0), _accuracy, n_boot=300)
     assert better["diff"] > 0.3 and better["ci_low"] > 0 and better["p_value"] < 0.01
     assert better["metric_a"] == pytest.approx(_accuracy(good)) and better["metric_b"] == pytest.approx(_accuracy(poor))
-    # Row order does not matter: the sets are aligned on patient_id, side, view.
+    # Row order does not matter: the sets are aligned on their unit key (patient_id, side, view).
     assert paired_bootstrap_test(good, poor, _accuracy, n_boot=300)["ci_low"] == better["ci_low"]
 
 

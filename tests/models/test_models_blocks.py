@@ -3,7 +3,17 @@ import math
 import pytest
 import torch
 
-from tlese.models.blocks import ConvBNAct, EffectiveSE, InvertedResidual, SamePad2d
+from tlese.models.blocks import (
+    BLOCK_PLACEMENTS,
+    ESE_PLACEMENTS,
+    ConvBNAct,
+    EffectiveSE,
+    InvertedResidual,
+    SamePad2d,
+    block_placement,
+    ese_modules,
+    ese_state_keys,
+)
 
 
 def test_ese_starts_at_gate_init_and_still_learns():
@@ -47,10 +57,10 @@ def test_same_padding_matches_tensorflow(size):
 
 @pytest.mark.parametrize(
     "ese, extra",
-    [(None, 0), ("expanded", 48 * 48 + 48), ("output", 8 * 8 + 8)],
+    [("none", 0), ("expanded", 48 * 48 + 48), ("output", 8 * 8 + 8)],
 )
 def test_inverted_residual_ese_placement_cost(ese, extra):
-    plain = InvertedResidual(8, 8, expand_ratio=6, ese=None)
+    plain = InvertedResidual(8, 8, expand_ratio=6, ese="none")
     block = InvertedResidual(8, 8, expand_ratio=6, ese=ese)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(block) - count(plain) == extra
@@ -63,3 +73,32 @@ def test_inverted_residual_downsamples_without_residual():
     assert not block.use_residual
     assert isinstance(block.expand, torch.nn.Identity)
     assert block(torch.rand(1, 8, 9, 9)).shape == (1, 16, 5, 5)
+
+
+def test_a_block_without_ese_has_an_identity_in_its_place():
+    block = InvertedResidual(8, 8, expand_ratio=6)
+    assert isinstance(block.ese, torch.nn.Identity) and not ese_modules(block)
+    gated = InvertedResidual(8, 8, expand_ratio=6, ese="output")
+    assert {k for k in gated.state_dict()} - {k for k in block.state_dict()} == {"ese.fc.weight", "ese.fc.bias"}
+
+
+def test_one_placement_vocabulary_for_blocks_and_backbones():
+    assert set(BLOCK_PLACEMENTS) < set(ESE_PLACEMENTS)
+    assert [block_placement("stage", last) for last in (False, True)] == ["none", "output"]
+    assert all(block_placement(p, last) == p for p in BLOCK_PLACEMENTS for last in (False, True))
+    with pytest.raises(ValueError, match="unknown ESE placement 'middle'; valid: none, expanded, output, stage"):
+        block_placement("middle", True)
+    with pytest.raises(ValueError, match="unknown ESE placement 'stage'; valid: none, expanded, output$"):
+        InvertedResidual(8, 8, ese="stage")  # a stage placement is resolved by the backbone, block by block
+
+
+def test_ese_is_found_by_type_not_by_name():
+    class Renamed(torch.nn.Module):  # a gate under any attribute name still counts
+        def __init__(self):
+            super().__init__()
+            self.attention = EffectiveSE(4)
+            self.conv = torch.nn.Conv2d(4, 4, 1)
+
+    model = Renamed()
+    assert [name for name, _ in ese_modules(model)] == ["attention"]
+    assert ese_state_keys(model) == {"attention.fc.weight", "attention.fc.bias"}

@@ -43,3 +43,16 @@ def test_cli_prints_the_table(capsys):
 def test_cli_unknown_filter_is_an_error(capsys):
     assert main(["models", "--filter", "vgg*"]) == 2
     assert "valid:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tlese, plain", [("tlese_mbv2", "mbv2_plain"), ("tlese_lite0_ese_expanded", "lite0_plain")])
+def test_ese_parameter_count_is_what_the_gates_add(tlese, plain):
+    import torch
+
+    from tlese.models import create_model
+    from tlese.models.cost import count_params, ese_parameter_count
+
+    with torch.device("meta"):
+        gated, base = create_model(tlese, 4), create_model(plain, 4)
+    assert ese_parameter_count(base) == 0
+    assert ese_parameter_count(gated) == count_params(gated) - count_params(base) > 0

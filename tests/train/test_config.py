@@ -65,3 +65,21 @@ def test_shipped_configs_validate(path):
     overrides = ["target.root=x", "cxr.root=y"] if path == demo_config_path() else []
     experiment = load_experiment(path, overrides)
     assert experiment.arms
+
+
+def test_shipped_arm_names_claim_no_start_they_may_not_get():
+    """An arm called *_double or *_imagenet must get ImageNet or fail; *_cxr must not load ImageNet; and so on."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    files = [*sorted((root / "configs").glob("*.yaml")), root / "src" / "tlese" / "configs" / "demo.yaml"]
+    for path in files:
+        for arm in yaml.safe_load(path.read_text()).get("arms", []):
+            name, transfer = arm["name"], arm.get("transfer", "double")
+            suffix = name.rsplit("_", 1)[-1]
+            if suffix in ("scratch", "imagenet", "cxr", "double"):
+                assert suffix == transfer, f"{path.name}: arm {name} has transfer {transfer}"
+            if arm.get("missing_weights") == "scratch":
+                assert suffix not in ("imagenet", "double"), f"{path.name}: {name} may start without ImageNet"

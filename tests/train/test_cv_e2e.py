@@ -19,7 +19,8 @@ import yaml
 from tlese.data.splits import load_folds
 from tlese.data.synth import synthesize
 from tlese.train.config import load_experiment
-from tlese.train.cv import PREDICTIONS_BREASTS, PREDICTIONS_IMAGES, run_cv
+from tlese.train.cv import run_cv
+from tlese.train.rundir import PREDICTIONS_BREASTS, PREDICTIONS_IMAGES
 from tlese.train.merge import merge_run
 
 pytestmark = pytest.mark.slow
@@ -61,7 +62,7 @@ def test_every_test_image_is_predicted_once_with_checkpoints(full_run):
         predictions = pd.concat([pd.read_csv(p) for p in sorted((full_run / arm).glob(f"fold_*/{PREDICTIONS_IMAGES}"))])
         breasts = pd.concat([pd.read_csv(p) for p in sorted((full_run / arm).glob(f"fold_*/{PREDICTIONS_BREASTS}"))])
         assert sorted(predictions["fold"].unique()) == [0, 1, 2]
-        assert predictions["path"].is_unique and set(predictions["patient_id"]) == set(images["patient_id"])
+        assert predictions["image_id"].is_unique and set(predictions["patient_id"]) == set(images["patient_id"])
         assert len(breasts) == len(predictions.groupby(["patient_id", "side"]))
         assert ((breasts.filter(like="prob_").sum(axis=1) - 1).abs() < 1e-4).all()
         for fold in range(3):
@@ -113,7 +114,7 @@ def test_merge_tests_against_a_chosen_reference(full_run):
 
 
 def test_gradcam_overlays_explain_only_held_out_cases(full_run):
-    from tlese.evaluate.explain import explain_fold
+    from tlese.train.trained import explain_fold
 
     out = explain_fold(full_run, "tlese_double", 0, per_class=1)
     index = pd.read_csv(out / "index.csv")

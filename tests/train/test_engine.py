@@ -9,8 +9,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from tlese.data.loader import split_key
 from tlese.train import engine
 from tlese.train.config import Recipe
+from tlese.train.rundir import DONE
 
 
 class Blobs(Dataset):
@@ -25,7 +27,8 @@ class Blobs(Dataset):
     def __len__(self):
         return len(self.targets)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):  # the training sampler gives (position, augmentation seed)
+        index, _ = split_key(key)
         return self.images[index], int(self.targets[index]), index
 
 
@@ -50,7 +53,7 @@ def test_warmup_cosine_shape():
 def test_class_weights_inverse_frequency_and_absent_class():
     targets = np.array([0, 0, 0, 1])
     weights = engine.class_weights_from_targets(targets, 3).numpy()
-    assert weights[0] < weights[1] and weights[2] == 0.0
+    assert weights[0] < weights[1] and weights[2] == 1.0  # absent: finite validation loss, nothing to learn
     assert weights[targets].mean() == pytest.approx(1.0)  # the loss keeps its scale
 
 
@@ -78,7 +81,7 @@ def test_resume_after_forced_stop_continues_from_last_checkpoint(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         engine.fit(tiny_model(), Blobs(48, 0), Blobs(16, 1), recipe(), tmp_path, num_classes=2, seed=0,
                    extra_callbacks=[StopAt(2)])
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / engine.DONE_MARKER).exists()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / DONE).exists()
     result = engine.fit(tiny_model(), Blobs(48, 0), Blobs(16, 1), recipe(), tmp_path, num_classes=2, seed=0)
     assert result.resumed_from == tmp_path / "checkpoints" / "last.ckpt"
     assert list(result.history["epoch"]) == [0, 1, 2, 3]
@@ -97,3 +100,96 @@ def test_same_seed_same_weights_on_cpu(tmp_path):
                             tmp_path / name, num_classes=2, seed=3)
         runs.append(torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)["state_dict"])
     assert all(torch.equal(runs[0][key], runs[1][key]) for key in runs[0])
+
+
+def _weights(checkpoint) -> dict:
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    """Every epoch's order, augmentation seeds and global RNG come from (seed, epoch): resuming changes nothing."""
+    torch.manual_seed(0)
+    straight = engine.fit(tiny_model(), Blobs(48, 0), Blobs(16, 1), recipe(), tmp_path / "straight", num_classes=2,
+                          seed=5)
+    for stop in (1, 3):
+        folder = tmp_path / f"stopped_at_{stop}"
+        torch.manual_seed(0)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            engine.fit(tiny_model(), Blobs(48, 0), Blobs(16, 1), recipe(), folder, num_classes=2, seed=5,
+                       extra_callbacks=[StopAt(stop)])
+        torch.manual_seed(123)  # a different initial model: resuming must restore everything from the checkpoint
+        resumed = engine.fit(tiny_model(), Blobs(48, 0), Blobs(16, 1), recipe(), folder, num_classes=2, seed=5)
+        assert resumed.resumed_from is not None
+        a, b = _weights(straight.last_checkpoint), _weights(resumed.last_checkpoint)
+        assert all(torch.equal(a[key], b[key]) for key in a), f"resumed at epoch {stop} differs"
+
+
+def test_sampler_draws_depend_on_seed_and_epoch_only():
+    sampler = engine.EpochSampler(10, seed=3)
+    sampler.set_epoch(2)
+    first = list(sampler)
+    other = engine.EpochSampler(10, seed=3)
+    list(other)  # an earlier epoch drawn first must not matter
+    other.set_epoch(2)
+    assert list(other) == first
+    assert sorted(index for index, _ in first) == list(range(10))
+    sampler.set_epoch(3)
+    assert list(sampler) != first
+    weighted = engine.EpochSampler(10, seed=3, weights=np.array([1.0] * 9 + [0.0]))
+    assert 9 not in {index for index, _ in weighted}
+
+
+def test_truncated_last_checkpoint_is_moved_aside_and_the_stage_retrained(tmp_path):
+    torch.manual_seed(0)
+    straight = engine.fit(tiny_model(), Blobs(48, 0), Blobs(16, 1), recipe(), tmp_path / "straight", num_classes=2,
+                          seed=1)
+    folder = tmp_path / "damaged"
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        engine.fit(tiny_model(), Blobs(48, 0), Blobs(16, 1), recipe(), folder, num_classes=2, seed=1,
+                   extra_callbacks=[StopAt(2)])
+    last = folder / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # as a kill while it was written leaves it
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="unreadable"):
+        result = engine.fit(tiny_model(), Blobs(48, 0), Blobs(16, 1), recipe(), folder, num_classes=2, seed=1)
+    assert result.resumed_from is None and list(folder.glob("checkpoints/last.ckpt.unreadable-*"))
+    a, b = _weights(straight.last_checkpoint), _weights(result.last_checkpoint)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_class_missing_from_training_warns_and_validation_loss_stays_finite(tmp_path):
+    class OnlyZeros(Blobs):
+        def __init__(self, n, seed):
+            super().__init__(n, seed)
+            self.targets = np.zeros(n, dtype=int)
+
+    with pytest.warns(UserWarning, match="no training example"):
+        result = engine.fit(tiny_model(), OnlyZeros(32, 0), Blobs(16, 1), recipe(epochs=2), tmp_path, num_classes=2,
+                            seed=0)
+    assert result.history["val_loss"].notna().all() and np.isfinite(result.history["val_loss"]).all()
+    assert len(result.history) == 2  # early stopping did not end training on a NaN
+
+
+def test_selected_epoch_is_the_checkpointed_one(tmp_path):
+    torch.manual_seed(0)
+    result = engine.fit(tiny_model(), Blobs(48, 0), Blobs(16, 1), recipe(), tmp_path, num_classes=2, seed=0)
+    chosen = result.selected
+    history = result.history.set_index("epoch")
+    assert chosen["epoch"] == int(history["val_loss"].idxmin())
+    assert chosen["val_acc"] == pytest.approx(history.loc[chosen["epoch"], "val_acc"])
+    assert chosen["epoch"] == torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)["epoch"]
+
+
+class CtrlC(pl.Callback):
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == 1:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_says_what_was_saved(tmp_path):
+    with pytest.raises(engine.TrainingInterrupted) as caught:
+        engine.fit(tiny_model(), Blobs(32, 0), Blobs(8, 1), recipe(), tmp_path, num_classes=2, seed=0,
+                   extra_callbacks=[CtrlC()])
+    assert caught.value.last_checkpoint == tmp_path / "checkpoints" / "last.ckpt"
+    assert "last checkpoint" in str(caught.value)

@@ -30,23 +30,37 @@ def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--modality", choices=("mammo", "cxr"), default=None,
                         help="preprocessing path (default: the dataset's own `modality` column, else mammo)")
+    parser.add_argument("--max-skipped-fraction", type=float, default=None, metavar="F",
+                        help="fail when more than this fraction of the images is skipped "
+                        "(default 0.1; 1 accepts any number of skips)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_prepare)
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    """Load the dataset table, prepare it into the cache, print the summary (skips listed there; exit code 0)."""
-    from tlese.data.cache import prepare_table
+    """Load the dataset table, prepare it into the cache, print the summary with every skip (paths relative to
+    the root). Exit code 0; too many skips or one image under two patients fail (PrepareError /
+    DataIntegrityError, exit code 2)."""
+    from tlese.data.cache import DEFAULT_MAX_SKIPPED_FRACTION, PrepareError, prepare_table
     from tlese.data.datasets import get_adapter
+    from tlese.data.datasets._common import format_skipped
     from tlese.data.preprocess import PreprocessParams
 
     table = get_adapter(args.dataset)(args.root)
+    if table.attrs.get("skipped"):
+        print(f"dataset {args.dataset}: {format_skipped(table.attrs['skipped'])}")
     modality = args.modality
     if modality is None:
         found = set(table["modality"].dropna().astype(str)) if "modality" in table.columns else set()
         modality = found.pop() if len(found) == 1 and found <= {"mammo", "cxr"} else "mammo"
     params = PreprocessParams(size=args.size, modality=modality)
-    _, summary = prepare_table(table, params, args.out, workers=args.workers, progress=not args.no_progress)
+    fraction = DEFAULT_MAX_SKIPPED_FRACTION if args.max_skipped_fraction is None else args.max_skipped_fraction
+    try:
+        _, summary = prepare_table(table, params, args.out, workers=args.workers, progress=not args.no_progress,
+                                   root=args.root, max_skipped_fraction=fraction)
+    except PrepareError as error:
+        print(error.summary)  # every skip with its reason, before the error line
+        raise
     print(summary)
     return 0
 

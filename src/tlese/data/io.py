@@ -5,7 +5,8 @@ applied when present, MONOCHROME1 inverted so that bright = dense tissue, no 8-b
 `ImageHeader`. `read_header(path)` gives the header without decoding pixels. Every failure is an `ImageReadError`
 naming the file and the problem.
 
-The header carries only technical tags (view, side, photometric, size, bits, ...), never patient identifiers.
+The header carries only technical tags (view, side, photometric, size, bits, ...), never patient identifiers; the
+SOPInstanceUID is kept only as a hash (`instance_hash`), to recognise one image stored twice.
 
 Views are the upper-case DICOM view codes (`CC`, `MLO`, `ML`, `LM`, `XCCL`, `XCCM`, `FB`, `LMO`, `SIO`, `CV`, ...),
 kept as written: an exaggerated CC (`XCCL`) is *not* silently turned into `CC`, because it shows a different part of
@@ -15,6 +16,7 @@ the breast; `view_family()` maps it to `CC` where a caller wants the coarse fami
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,7 @@ class ImageHeader:
     manufacturer_model: str | None = None
     view_source: str | None = None
     side_source: str | None = None
+    instance_hash: str | None = None  # sha256 of the DICOM SOPInstanceUID (never the UID itself)
 
 
 def view_family(view: str | None) -> str | None:
@@ -99,6 +102,18 @@ def read_header(path: str | Path) -> ImageHeader:
         return _dicom_header(_read_dicom(path, stop_before_pixels=True), path)
     with image:
         return _pil_header(image, path)
+
+
+def read_header_and_tags(path: str | Path, keywords: tuple[str, ...]) -> tuple[ImageHeader, dict[str, str | None]]:
+    """`read_header` plus the text of the DICOM attributes named by `keywords` (None when absent or not a DICOM),
+    from one read of the file."""
+    path = Path(path)
+    image = _open_pil(path) if _sniff(path) == "pil" else None
+    if image is not None:
+        with image:
+            return _pil_header(image, path), dict.fromkeys(keywords)
+    ds = _read_dicom(path, stop_before_pixels=True)
+    return _dicom_header(ds, path), {keyword: _text(ds.get(keyword)) for keyword in keywords}
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, ImageHeader]:
@@ -203,6 +218,7 @@ def _dicom_header(ds, path: Path) -> ImageHeader:
     if meta is not None and "TransferSyntaxUID" in meta:
         transfer_syntax = str(meta.TransferSyntaxUID)
     model = ds.get("ManufacturerModelName")
+    uid = _text(ds.get("SOPInstanceUID"))
     return ImageHeader(
         view=view,
         side=side,
@@ -217,6 +233,7 @@ def _dicom_header(ds, path: Path) -> ImageHeader:
         manufacturer_model=_text(model),
         view_source=view_source,
         side_source=side_source,
+        instance_hash=hashlib.sha256(uid.encode()).hexdigest()[:32] if uid else None,
     )
 
 
@@ -336,14 +353,33 @@ def _decode(ds, path: Path) -> np.ndarray:
             if uid == "1.2.840.10008.1.2.5":
                 fast = _decode_rle_fast(ds, path)
                 if fast is not None:
+                    _check_bits_stored(fast, ds, path)
                     return fast
+    unsigned = int(ds.get("PixelRepresentation", 0) or 0) == 0
+    # pydicom clears the bits above BitsStored by default, which turns 12-bit data labelled BitsStored 8 into a
+    # wrong image without a word; keep them (unsigned data only: signed data needs the sign extension) and check.
+    options = {"correct_unused_bits": False} if unsigned else {}
     try:
-        return pixel_array(ds, decoding_plugin=plugin) if plugin else ds.pixel_array
+        raw = pixel_array(ds, decoding_plugin=plugin, **options)
     except ImageReadError:
         raise
     except Exception as error:  # decoders raise ValueError/RuntimeError/... for corrupt or short data
         reason = " ".join(str(error).split())[:400] or type(error).__name__
         raise ImageReadError(path, f"cannot decode pixel data (truncated or corrupt?): {reason}") from None
+    if unsigned:
+        _check_bits_stored(raw, ds, path)
+    return raw
+
+
+def _check_bits_stored(raw: np.ndarray, ds, path: Path) -> None:
+    """Refuse unsigned pixel values that do not fit in BitsStored: the header's bit depth is wrong."""
+    bits = int(ds.get("BitsStored") or 0)
+    if not bits or raw.dtype.kind != "u" or bits >= raw.dtype.itemsize * 8:
+        return
+    largest = int(raw.max())
+    if largest > 2**bits - 1:
+        raise ImageReadError(path, f"pixel values up to {largest} do not fit BitsStored {bits} (largest valid value "
+                                   f"{2**bits - 1}): the header's bit depth is wrong")
 
 
 def _decode_rle_fast(ds, path: Path) -> np.ndarray | None:

@@ -24,6 +24,13 @@ def _require(table: pd.DataFrame, columns: set[str], what: str) -> None:
         raise ValueError(f"{what} needs column(s) {sorted(missing)}; table has {list(table.columns)}")
 
 
+def split_key(key) -> tuple[int, int | None]:
+    """An item key is a position, or (position, augmentation seed) from the training sampler."""
+    if isinstance(key, (tuple, list)):
+        return int(key[0]), int(key[1])
+    return int(key), None
+
+
 def _load(path: str) -> torch.Tensor:
     return torch.from_numpy(read_png16(path))[None]  # (1, H, W)
 
@@ -39,11 +46,16 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, index: int):
+    @property
+    def targets(self) -> list[int]:
+        return [int(target) for target in self.table["target"]]
+
+    def __getitem__(self, key):
+        index, seed = split_key(key)
         row = self.table.iloc[index]
         image = _load(row["prepared_path"])
         if self.transform is not None:
-            image = self.transform(image)
+            image = self.transform(image) if seed is None else self.transform(image, seed=seed)
         return image, int(row["target"]), index
 
 
@@ -109,9 +121,55 @@ class BreastDataset(Dataset):
     def __len__(self) -> int:
         return len(self.breasts)
 
-    def __getitem__(self, index: int):
+    @property
+    def targets(self) -> list[int]:
+        return [int(target) for target in self.breasts["target"]]
+
+    def __getitem__(self, key):
+        index, seed = split_key(key)
         row = self.breasts.iloc[index]
         images = torch.stack([_load(row[f"path_{view}"]) for view in self.views])  # (V, 1, H, W)
         if self.transform is not None:
-            images = self.transform(images)
+            images = self.transform(images) if seed is None else self.transform(images, seed=seed)
         return images, int(row["target"]), index
+
+
+class DuplicatedView(Dataset):
+    """One image shown to a dual-view model in both view slots (per-image predictions of a dual-view model)."""
+
+    def __init__(self, images: ImageDataset):
+        self.images = images
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return self.images.table
+
+    @property
+    def targets(self) -> list[int]:
+        return self.images.targets
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key):
+        image, target, *rest = self.images[key]
+        return (torch.stack([image, image]), target, *rest)
+
+
+def make_dataset(table: pd.DataFrame, views: str, modality: str, *, train: bool, augment: dict | None = None,
+                 seed: int | None = None, per_image: bool = False) -> Dataset:
+    """The one way from a prepared table to a torch dataset.
+
+    views "single": one item per image; "dual": one item per breast (CC, MLO), or with `per_image` each image
+    duplicated into both slots. `train` turns augmentation on (magnitudes from `augment`, see build_transforms).
+    """
+    from tlese.data.transforms import build_transforms
+
+    if views not in ("single", "dual"):
+        raise ValueError(f"views must be 'single' or 'dual', got {views!r}")
+    transform = build_transforms(modality, train=train, cfg=augment or None, seed=seed)
+    if views == "single":
+        return ImageDataset(table, transform=transform)
+    if per_image:
+        return DuplicatedView(ImageDataset(table, transform=transform))
+    return BreastDataset(table, transform=transform)

@@ -3,7 +3,9 @@ prediction (`preprocess_image`).
 
 Mammography: breast mask -> crop to the breast -> orient to `tlese.vocab.COMMON_SIDE` -> resize keeping the aspect
 ratio -> percentile window inside the breast -> pad. Chest X-ray: resize keeping aspect + percentile window over the
-whole image. All pure functions: array in, new array out, inputs never modified.
+whole image. All pure functions: array in, new array out, inputs never modified. Pixels that cannot give a
+meaningful input (too small, constant, not finite, no breast found, no contrast) raise `UnusableImageError` with
+the reason, rather than becoming an all-zero or noise-stretched image.
 
 Orientation convention (checked on CBIS-DDSM and mini-MIAS): in a stored mammogram a LEFT breast has its chest wall
 at the left image edge, so its tissue mass lies in the left half; a right breast is the mirror image. Orienting to
@@ -34,6 +36,18 @@ from tlese.vocab import COMMON_SIDE
 PREPROCESS_VERSION = 1
 MASK_MAX_SIDE = 512
 MODALITIES = ("mammo", "cxr")
+# Refusal limits: below MIN_IMAGE_SIDE pixels the 5 x 5 mask opening leaves nothing to find; a breast mask under
+# MIN_BREAST_FRACTION of the image is noise or a label, not a breast (mini-MIAS breasts cover 15 % or more).
+MIN_IMAGE_SIDE = 32
+MIN_BREAST_FRACTION = 0.02
+
+
+class UnusableImageError(ValueError):
+    """Decoded pixels that cannot give a meaningful model input; `reason` says why (e.g. "constant image")."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
 
 
 @dataclass(frozen=True)
@@ -297,6 +311,10 @@ def normalise_intensity(
         low, high = float(values.min()), float(values.max())
     if high <= low:
         return np.zeros(pixels.shape, dtype=np.float32)
+    return _apply_window(pixels, low, high)
+
+
+def _apply_window(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
     scaled = (pixels.astype(np.float32) - np.float32(low)) / np.float32(high - low)
     return np.clip(scaled, 0.0, 1.0, out=scaled)
 
@@ -308,7 +326,8 @@ def normalise_intensity(
 def preprocess_image(pixels: np.ndarray, side: str | None, params: PreprocessParams | None = None) -> np.ndarray:
     """Decoded pixels (bright = dense, any scale) -> model input float32 (size, size) in [0, 1].
 
-    This is the single function used at training time (through the cache) and at prediction time.
+    This is the single function used at training time (through the cache) and at prediction time. Raises
+    UnusableImageError for pixels too small, constant or not finite, with no breast found, or without contrast.
     """
     return preprocess_with_info(pixels, side, params)[0]
 
@@ -322,14 +341,21 @@ def preprocess_with_info(
 
     params = params or PreprocessParams()
     _check_2d(pixels)
+    _check_usable(pixels)
     side = _side_value(side)
     full_box = (0, pixels.shape[0], 0, pixels.shape[1])
     if params.modality == "cxr":
+        # checked before resizing too: antialiasing smears a few hot pixels on a blank frame into a window
+        stride = _mask_stride(pixels.shape)
+        _contrast_window(pixels[::stride, ::stride], None, params, "the image")
         resized = _resize_for(pixels, params)
-        image = normalise_intensity(resized, None, params.low_pct, params.high_pct)
+        image = _apply_window(resized, *_contrast_window(resized, None, params, "the image"))
         return _pad(image, params.size, "center"), {"facing": None, "flipped": False, "crop_box": full_box}
 
     small_mask, stride = _mask_and_stride(pixels)
+    covered = float(small_mask.mean())
+    if covered < MIN_BREAST_FRACTION:
+        raise UnusableImageError(f"no breast found (the breast mask covers {covered:.1%} of the image)")
     r0, r1, c0, c1 = _crop_box(pixels, small_mask, stride) if params.crop else full_box
     region = pixels[r0:r1, c0:c1]
     # The low-res mask restricted to the same region, resized alongside the pixels.
@@ -340,13 +366,38 @@ def preprocess_with_info(
     mask = _resize(mask_region.astype(np.float32), *resized.shape) > 0.5
     if params.mask_background:  # grow the mask by 2 px so the skin line is kept
         mask = ndimage.maximum_filter(mask.astype(np.uint8), size=5).astype(bool)
-    image = normalise_intensity(resized, mask if mask.any() else None, params.low_pct, params.high_pct)
+    image = _apply_window(resized, *_contrast_window(resized, mask if mask.any() else None, params, "the breast"))
     if params.mask_background and mask.any():
         image[~mask] = 0.0
     if flip:
         image = image[:, ::-1]
     image = _pad(image, params.size, "left") if params.keep_aspect else np.ascontiguousarray(image)
     return image, {"facing": facing, "flipped": bool(flip), "crop_box": (r0, r1, c0, c1)}
+
+
+def _check_usable(pixels: np.ndarray) -> None:
+    """Refuse pixels too small, not finite or constant to preprocess."""
+    height, width = pixels.shape
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise UnusableImageError(f"image too small ({height} x {width} pixels; at least {MIN_IMAGE_SIDE} per side)")
+    low, high = float(pixels.min()), float(pixels.max())  # NaN propagates through min/max
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise UnusableImageError("pixel values are not finite (NaN or infinity)")
+    if low == high:
+        raise UnusableImageError(f"constant image (all pixels {low:g})")
+
+
+def _contrast_window(
+    pixels: np.ndarray, mask: np.ndarray | None, params: PreprocessParams, where: str
+) -> tuple[float, float]:
+    """The percentile window of the pixels in `mask` (all if None); a flat one is refused, since stretching it
+    would blow a few stray pixels up to the whole range."""
+    values = pixels[mask] if mask is not None else pixels.ravel()
+    low, high = (float(v) for v in np.percentile(values, [params.low_pct, params.high_pct]))
+    if high <= low:
+        raise UnusableImageError(f"no contrast in {where} (its {params.low_pct:g}-{params.high_pct:g} percentile "
+                                 f"window is flat at {low:g})")
+    return low, high
 
 
 def _resize_for(pixels: np.ndarray, params: PreprocessParams) -> np.ndarray:
@@ -359,11 +410,14 @@ def preprocess_file(
     path: str | Path, side: str | None, params: PreprocessParams | None = None, expected_view: str | None = None
 ) -> np.ndarray:
     """read_image + check against the dataset's view/side + preprocess_image (side None: the file's own tag)."""
-    from tlese.data.io import check_header_against, read_image
+    from tlese.data.io import ImageReadError, check_header_against, read_image
 
     pixels, header = read_image(path)
     check_header_against(header, expected_view, _side_value(side), path)
-    return preprocess_image(pixels, _side_value(side) or header.side, params)
+    try:
+        return preprocess_image(pixels, _side_value(side) or header.side, params)
+    except UnusableImageError as error:
+        raise ImageReadError(path, error.reason) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -120,11 +120,12 @@ def save_folds(folds: pd.DataFrame, path: str | Path, seed: int | None = None, s
     return path
 
 
-def load_folds(path: str | Path, table: pd.DataFrame | None = None) -> pd.DataFrame:
+def load_folds(path: str | Path, table: pd.DataFrame | None = None, strict: bool = False) -> pd.DataFrame:
     """Read and validate a fold file; with `table`, also check that it covers every patient of the table.
 
-    Metadata from the header line goes to `attrs`. A data_hash different from the table's gives a warning
-    (the labels or patients changed since the folds were made), a patient of the table without a fold an error.
+    Metadata from the header line goes to `attrs`. A patient of the table without a fold is an error. A data_hash
+    different from the table's (the labels or patients changed since the folds were made) and patients of the file
+    that are not in the table give a warning, or with `strict` (what a run reusing its folds asks) an error.
     """
     path = Path(path)
     if not path.is_file():
@@ -159,9 +160,17 @@ def load_folds(path: str | Path, table: pd.DataFrame | None = None) -> pd.DataFr
         stratify = meta.get("stratify_column")
         expected = meta.get("data_hash")
         comparable = stratify is None or stratify in table.columns
+        problems = []
+        extra = sorted(set(folds["patient_id"]) - set(table["patient_id"].astype(str)))
+        if extra:
+            problems.append(f"{len(extra)} patient(s) of the fold file are not in the data, e.g. {extra[:3]}")
         if expected and comparable and table_fingerprint(table, stratify) != expected:
-            warnings.warn(f"{path}: the table differs from the one these folds were made from (data hash)",
-                          UserWarning, stacklevel=2)
+            problems.append("the data (patients or their labels) differ from the data these folds were made from "
+                            f"(data hash {table_fingerprint(table, stratify)} != {expected})")
+        for problem in problems:
+            if strict:
+                raise ValueError(f"{path}: {problem}; make new folds (another run name, or delete the file)")
+            warnings.warn(f"{path}: {problem}", UserWarning, stacklevel=2)
     return folds
 
 

@@ -10,17 +10,25 @@
 - for two-view tasks, breasts with only one of the views: "drop" removes them; "duplicate" keeps them, flagged
   in a boolean column `single_view`, and `tlese.data.loader.BreastDataset` shows the available image in both
   slots (no rows are copied, so per-image counts stay true).
+
+A task is registered here by name, or defined where it is used: an experiment's `target.task` / `cxr.task` may be
+a registered name or a mapping of `Task` fields, and `get_task` accepts either, so a new task needs no Python.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import pandas as pd
 
+from tlese.data.preprocess import MODALITIES
+from tlese.vocab import View
+
 ANY_VIEW = "any"
+VIEWS = (*(view.value for view in View), ANY_VIEW)
 SINGLE_VIEW_POLICIES = ("drop", "duplicate")
 UNKNOWN_LABEL_POLICIES = ("error", "skip")
 
@@ -58,6 +66,17 @@ class EncodeReport:
         return asdict(self)
 
 
+class TaskFieldError(ValueError):
+    """A bad value for one field of a `Task`; `key` names the field."""
+
+    def __init__(self, task: Any, key: str, reason: str) -> None:
+        super().__init__(f"task {task}: {key}: {reason}")
+        self.key, self.reason = key, reason
+
+
+TASK_REQUIRED_KEYS = ("name", "label_column", "classes")
+
+
 @dataclass(frozen=True)
 class Task:
     """A classification task over an adapter table.
@@ -78,24 +97,47 @@ class Task:
     description: str = ""
 
     def __post_init__(self) -> None:
+        for key in ("name", "label_column"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise self._bad(key, f"expected a non-empty string, got {getattr(self, key)!r}")
         # Accept lists (from YAML) but store tuples, so a Task stays immutable.
-        object.__setattr__(self, "classes", tuple(self.classes))
-        object.__setattr__(self, "views", tuple(self.views))
-        if self.grouping is not None:
-            object.__setattr__(self, "grouping", dict(self.grouping))
+        object.__setattr__(self, "classes", self._strings("classes", self.classes))
+        object.__setattr__(self, "views", self._strings("views", self.views))
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"task {self.name}: classes must be at least two distinct names, got {self.classes}")
-        if self.single_view_policy not in SINGLE_VIEW_POLICIES:
-            raise ValueError(f"task {self.name}: single_view_policy must be one of {SINGLE_VIEW_POLICIES}")
-        if self.unknown_label_policy not in UNKNOWN_LABEL_POLICIES:
-            raise ValueError(f"task {self.name}: unknown_label_policy must be one of {UNKNOWN_LABEL_POLICIES}")
-        targets = set((self.grouping or {}).values()) - {None}
-        stray = targets - set(self.classes)
-        if stray:
-            raise ValueError(f"task {self.name}: grouping maps to {sorted(stray)}, "
-                             f"which are not in classes {self.classes}")
+            raise self._bad("classes", f"must be at least two distinct names, got {list(self.classes)}")
+        if self.grouping is not None:
+            if not isinstance(self.grouping, Mapping):
+                raise self._bad("grouping", f"expected a mapping raw label -> class (or null), got {self.grouping!r}")
+            object.__setattr__(self, "grouping", dict(self.grouping))
+            bad = [(raw, cls) for raw, cls in self.grouping.items()
+                   if not isinstance(raw, str) or not (cls is None or isinstance(cls, str))]
+            if bad:
+                raise self._bad("grouping", "raw labels and classes must be strings (quote numbers in YAML), "
+                                            f"got {bad[0][0]!r}: {bad[0][1]!r}")
+            stray = set(self.grouping.values()) - {None} - set(self.classes)
+            if stray:
+                raise self._bad("grouping", f"maps to {sorted(stray)}, which are not in classes {list(self.classes)}")
+        for key, choices in (("modality", MODALITIES), ("single_view_policy", SINGLE_VIEW_POLICIES),
+                             ("unknown_label_policy", UNKNOWN_LABEL_POLICIES)):
+            if getattr(self, key) not in choices:
+                raise self._bad(key, f"{getattr(self, key)!r} is not one of {list(choices)}")
+        if not self.views or any(v not in VIEWS for v in self.views) or len(set(self.views)) != len(self.views):
+            raise self._bad("views", f"expected distinct views from {list(VIEWS)}, got {list(self.views)}")
         if ANY_VIEW in self.views and len(self.views) > 1:
-            raise ValueError(f"task {self.name}: views ('any',) cannot be combined with named views")
+            raise self._bad("views", f"{ANY_VIEW!r} cannot be combined with named views, got {list(self.views)}")
+        if not isinstance(self.description, str):
+            raise self._bad("description", f"expected a string, got {self.description!r}")
+
+    def _bad(self, key: str, reason: str) -> TaskFieldError:
+        return TaskFieldError(self.name, key, reason)
+
+    def _strings(self, key: str, values: Any) -> tuple[str, ...]:
+        """A list/tuple of non-empty strings as a tuple; a bare string (a common YAML slip) is an error."""
+        if not isinstance(values, (list, tuple)):
+            raise self._bad(key, f"expected a list of strings, got {values!r}")
+        if not all(isinstance(value, str) and value for value in values):
+            raise self._bad(key, f"expected non-empty strings (quote numbers in YAML), got {list(values)}")
+        return tuple(values)
 
     def __hash__(self) -> int:
         # `grouping` is a dict (unhashable); name, column and classes identify a task well enough for hashing.
@@ -111,16 +153,25 @@ class Task:
         return len(self.views) == 2
 
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> "Task":
-        """Build from a dict (e.g. a YAML config section); unknown keys are an error naming them."""
-        known = set(cls.__dataclass_fields__)
-        unknown = set(config) - known
+    def from_dict(cls, config: Mapping[str, Any], where: str = "task") -> Task:
+        """Build from a mapping of `Task` fields (e.g. an inline `target.task` in an experiment YAML).
+
+        Unknown and missing keys raise ValueError listing the valid ones; a bad value raises ValueError naming
+        `<where>.<key>` (e.g. `target.task.views: ...`).
+        """
+        if not isinstance(config, Mapping):
+            raise ValueError(f"{where}: expected a task name or a mapping of task fields, got {config!r}")
+        valid = [f.name for f in fields(cls)]
+        unknown = set(config) - set(valid)
         if unknown:
-            raise ValueError(f"task config: unknown key(s) {sorted(unknown)}; valid: {sorted(known)}")
-        missing = {"name", "label_column", "classes"} - set(config)
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown, key=str)}; valid: {valid}")
+        missing = [key for key in TASK_REQUIRED_KEYS if key not in config]
         if missing:
-            raise ValueError(f"task config: missing key(s) {sorted(missing)}")
-        return cls(**dict(config))
+            raise ValueError(f"{where}: missing key(s) {missing} (required: {list(TASK_REQUIRED_KEYS)})")
+        try:
+            return cls(**dict(config))
+        except TaskFieldError as error:
+            raise ValueError(f"{where}.{error.key}: {error.reason}") from None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -227,12 +278,19 @@ def register_task(task: Task, replace: bool = False) -> Task:
     return task
 
 
-def get_task(name: str) -> Task:
-    """The registered task `name`; an unknown name raises ValueError listing the valid ones."""
+def get_task(task: str | Mapping[str, Any] | Task) -> Task:
+    """A task from its registered name or from a mapping of its fields (`Task.from_dict`); a `Task` is returned
+    as is. An unknown name raises ValueError listing the registered ones."""
+    if isinstance(task, Task):
+        return task
+    if isinstance(task, Mapping):
+        return Task.from_dict(task)
+    if not isinstance(task, str):
+        raise ValueError(f"a task is a registered name or a mapping of task fields, got {task!r}")
     try:
-        return _TASKS[name]
+        return _TASKS[task]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; valid: {', '.join(list_tasks())}") from None
+        raise ValueError(f"unknown task {task!r}; valid: {', '.join(list_tasks())}") from None
 
 
 def list_tasks() -> list[str]:

@@ -60,7 +60,7 @@ def build_transforms(modality: str, train: bool, cfg: dict | None = None, seed: 
 class Identity:
     """Evaluation transform: returns the input unchanged."""
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         return image
 
     def __repr__(self) -> str:
@@ -75,11 +75,14 @@ class RandomAugment:
         self.seed = seed
         self._generator: torch.Generator | None = None
         self._worker: int | None = None
+        self._draw: torch.Generator | None = None
 
     def __repr__(self) -> str:
         return f"RandomAugment({self.settings}, seed={self.seed})"
 
     def _rng(self) -> torch.Generator | None:
+        if self._draw is not None:
+            return self._draw
         if self.seed is None:
             return None
         info = torch.utils.data.get_worker_info()
@@ -97,12 +100,18 @@ class RandomAugment:
     def _chance(self, p: float) -> bool:
         return p > 0 and float(torch.rand((), generator=self._rng())) < p
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        if image.ndim == 4:
-            return torch.stack([self._one(view) for view in image])
-        if image.ndim != 3:
+    def __call__(self, image: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """Augment `image`; with `seed`, this draw depends on that seed alone (the training sampler gives one per item
+        and epoch, so a resumed run replays exactly the augmentations of an uninterrupted one)."""
+        if image.ndim not in (3, 4):
             raise ValueError(f"expected a (C, H, W) or (V, C, H, W) tensor, got shape {tuple(image.shape)}")
-        return self._one(image)
+        self._draw = None if seed is None else torch.Generator().manual_seed(int(seed) % (2**63))
+        try:
+            if image.ndim == 4:
+                return torch.stack([self._one(view) for view in image])
+            return self._one(image)
+        finally:
+            self._draw = None
 
     def _one(self, image: torch.Tensor) -> torch.Tensor:
         s = self.settings

@@ -1,5 +1,4 @@
-"""CLI: ``tlese report`` recomputes the metrics of a saved predictions CSV and writes the report; ``tlese explain``
-writes Grad-CAM overlays for held-out cases of a cross-validation fold."""
+"""CLI: ``tlese report`` recomputes the metrics of a saved predictions CSV and writes the report."""
 
 from __future__ import annotations
 
@@ -9,8 +8,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from tlese.evaluate.metrics import class_names_from_columns
-from tlese.evaluate.report import environment_info, write_report
+from tlese.evaluate.metrics import HEADLINE_METRICS, METRICS, class_names_from_columns
+from tlese.evaluate.report import write_report
+from tlese.provenance import environment_info
 from tlese.evaluate.tables import per_fold_table, summary_table
 
 
@@ -32,21 +32,6 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.set_defaults(func=run_report)
 
-    explain = subparsers.add_parser(
-        "explain", help="Grad-CAM overlays for held-out cases of one fold of a cv run",
-        description="Load the fold's best checkpoint, predict its test cases and write Grad-CAM overlays for the most "
-        "confident predictions per true class (right and wrong), with an index.csv.",
-    )
-    explain.add_argument("run_dir", type=Path, help="the run folder (<output_dir>/<name>)")
-    explain.add_argument("--arm", required=True, help="arm name in the run's config")
-    explain.add_argument("--fold", type=int, default=0, help="fold to explain (default 0)")
-    explain.add_argument("--per-class", type=int, default=2, help="cases per true class (default 2)")
-    explain.add_argument("--layer", default=None, help="module name to explain (default: the model's gradcam_layer)")
-    explain.add_argument("--out", type=Path, default=None, help="folder (default <run>/<arm>/fold_<k>/gradcam)")
-    explain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override the run's config, e.g. --set target.root=/new/place/of/the/data")
-    explain.set_defaults(func=run_explain)
-
 
 def run_report(args: argparse.Namespace) -> int:
     """Read the CSV, compute the tables, write the report and print where it is."""
@@ -65,19 +50,7 @@ def run_report(args: argparse.Namespace) -> int:
         per_fold_table=per_fold, predictions=predictions, class_names=class_names, history=history,
         config=config, environment=environment_info(), data_summary=None, comparison_table=None, notes=notes,
     )
-    headline = summary.set_index("metric").loc[["accuracy", "macro_auc"], "pooled (95% CI)"]
-    print(f"accuracy {headline['accuracy']}, macro AUC {headline['macro_auc']}")
+    pooled = summary.set_index("metric")["pooled (95% CI)"]
+    print(", ".join(f"{METRICS[name].label} {pooled[name]}" for name in HEADLINE_METRICS))
     print(f"report: {paths['html']} and {paths['md']}")
-    return 0
-
-
-def run_explain(args: argparse.Namespace) -> int:
-    from tlese.evaluate.explain import explain_fold
-
-    if args.per_class < 1:
-        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
-    out_dir = explain_fold(args.run_dir, args.arm, args.fold, per_class=args.per_class, layer=args.layer,
-                           out_dir=args.out, overrides=args.overrides)
-    count = len(pd.read_csv(out_dir / "index.csv"))
-    print(f"{count} Grad-CAM overlay(s) in {out_dir} (index.csv lists them)")
     return 0

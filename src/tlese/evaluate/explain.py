@@ -8,17 +8,12 @@ cells wide, so a map is coarse by construction.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-INDEX_COLUMNS = ["file", "patient_id", "side", "view", "true", "predicted", "probability"]
 
 
 def find_layer(model: nn.Module, name: str) -> nn.Module:
@@ -82,18 +77,6 @@ def grad_cam(model: nn.Module, images: torch.Tensor, class_index: int | list[int
     return maps, logits.detach()
 
 
-def _fold_checkpoint(fold_dir: Path) -> Path:
-    """The checkpoint the fold predicted with: `fold_info.json`'s best (by file name, so a moved run still works)."""
-    info_file = fold_dir / "fold_info.json"
-    if not info_file.is_file():
-        raise FileNotFoundError(f"{info_file}: no finished fold here (run `tlese cv` first)")
-    recorded = Path(json.loads(info_file.read_text()).get("best_checkpoint", "best.ckpt")).name
-    checkpoint = fold_dir / "checkpoints" / recorded
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: the checkpoint this fold predicted with is missing")
-    return checkpoint
-
-
 def _class_indices(class_index, logits: torch.Tensor) -> torch.Tensor:
     batch, num_classes = logits.shape
     if class_index is None:
@@ -143,67 +126,3 @@ def save_overlay(images: np.ndarray, maps: np.ndarray, path: str | Path, title: 
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
-
-
-def explain_fold(run_dir: str | Path, arm_name: str, fold: int, per_class: int = 2, layer: str | None = None,
-                 out_dir: str | Path | None = None, overrides: list[str] | None = None) -> Path:
-    """Grad-CAM overlays for held-out cases of one fold of a cross-validation run, with the fold's selected checkpoint.
-
-    Per true class, the `per_class` test cases (breasts for dual-view runs, images otherwise) with the most confident
-    predictions are explained for their predicted class: right and wrong calls alike. The test patients are the ones
-    the fold recorded in its `split.csv`, and the checkpoint the one it predicted with (`fold_info.json`). Writes PNGs
-    and `index.csv` (file, patient_id, side, view, true, predicted, probability) into `out_dir` (default
-    `<run>/<arm>/fold_<k>/gradcam`) and returns that folder. Needs the run's data and prepared cache; `overrides`
-    (`key=value`, as for `tlese cv --set`) point at data that has moved.
-    """
-    from tlese.models import create_model
-    from tlese.train import engine
-    from tlese.train.config import load_experiment
-    from tlese.train.data import make_dataset, prepare
-    from tlese.train.stages import model_kwargs
-
-    run_dir = Path(run_dir)
-    experiment = load_experiment(run_dir / "config.yaml", overrides or [])
-    arm = experiment.arm(arm_name)
-    fold_dir = run_dir / arm.name / f"fold_{fold}"
-    checkpoint = _fold_checkpoint(fold_dir)
-    split_file = fold_dir / "split.csv"
-    if not split_file.is_file():
-        raise FileNotFoundError(f"{split_file}: the fold's record of its test patients is missing")
-    split = pd.read_csv(split_file, dtype={"patient_id": str})
-    test_patients = set(split.loc[split["role"] == "test", "patient_id"])
-    data = prepare(experiment.target, experiment)
-    test = data.table[data.table["patient_id"].astype(str).isin(test_patients)]
-    if test.empty:
-        raise ValueError(f"{split_file}: none of its {len(test_patients)} test patients is in the data of "
-                         f"{experiment.target.root}")
-    views = experiment.views
-    model = create_model(arm.model, pretrained=False, **model_kwargs(arm, experiment, data.num_classes, views))
-    engine.load_trained_weights(model, checkpoint).eval()
-    dataset = make_dataset(test, views, data.task.modality, train=False, recipe=experiment.target_recipe)
-    rows = dataset.breasts if views == "dual" else dataset.table.reset_index(drop=True)
-    probabilities = engine.predict_probs(model, dataset, experiment.target_recipe.batch_size, device="cpu")
-    cases = rows[["patient_id", "side"]].assign(
-        view="breast" if views == "dual" else rows.get("view", ""), true=rows["target"].to_numpy(),
-        predicted=probabilities.argmax(axis=1), probability=probabilities.max(axis=1))
-    chosen = (cases.sort_values(["true", "probability"], ascending=[True, False], kind="stable")
-              .groupby("true", sort=True).head(per_class))
-    classes = list(data.task.classes)
-    out_dir = Path(out_dir) if out_dir else fold_dir / "gradcam"
-    view_names = [str(getattr(v, "value", v)) for v in getattr(dataset, "views", ())] or None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for position, case in chosen.iterrows():
-        images = dataset[int(position)][0][None]  # (1, [V,] C, H, W)
-        maps, _ = grad_cam(model, images, class_index=int(case["predicted"]), layer=layer)
-        pixels = images[0, ..., 0, :, :] if images.ndim == 5 else images[0, 0]
-        name = f"{case['patient_id']}_{case['side']}_{case['view']}.png".replace("/", "_")
-        verdict = "right" if case["true"] == case["predicted"] else "wrong"
-        title = (f"{case['patient_id']} {case['side']}: true {classes[int(case['true'])]}, predicted "
-                 f"{classes[int(case['predicted'])]} ({case['probability']:.2f}, {verdict}); map for the predicted class")
-        save_overlay(pixels.numpy(), maps[0].numpy(), out_dir / name, title=title, view_names=view_names)
-        written.append({"file": name, "patient_id": case["patient_id"], "side": case["side"], "view": case["view"],
-                        "true": classes[int(case["true"])], "predicted": classes[int(case["predicted"])],
-                        "probability": round(float(case["probability"]), 4)})
-    pd.DataFrame(written, columns=INDEX_COLUMNS).to_csv(out_dir / "index.csv", index=False)
-    return out_dir

@@ -7,14 +7,82 @@ and a sentence explaining why is appended to the result's ``warnings`` list, so 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
-# Metrics that are summarised over folds, in the order a table shows them.
-SCALAR_METRICS = ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1")
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A scalar metric of `classification_metrics`: its result key, how tables name it, whether it is a headline."""
+
+    name: str
+    label: str
+    headline: bool = False  # shown in a run's overview of arms and tested between models by `comparison_table`
+
+
+# The registry of scalar metrics, in the order a table shows them. Adding a metric: compute it in
+# `classification_metrics` under ``name`` and declare it here; the tables and the overview follow.
+METRICS: dict[str, MetricSpec] = {spec.name: spec for spec in (
+    MetricSpec("accuracy", "accuracy", headline=True),
+    MetricSpec("balanced_accuracy", "balanced accuracy", headline=True),
+    MetricSpec("macro_auc", "macro AUC", headline=True),
+    MetricSpec("macro_f1", "macro F1"),
+)}
+SCALAR_METRICS = tuple(METRICS)
+HEADLINE_METRICS = tuple(name for name, spec in METRICS.items() if spec.headline)
+PRIMARY_METRIC = "macro_auc"  # the endpoint quoted with its pooled CI in an overview, and tested first
 PER_CLASS_METRICS = ("auc", "sensitivity", "specificity", "f1")
+
+# What identifies one unit of analysis (an image or a fused breast) in a predictions table. Per-image rows carry
+# ``image_id`` (the image path relative to the dataset root); per-breast rows (view "breast") have none and are
+# unique per (patient_id, side). Chest X-rays have empty side and view, so only image_id tells their images apart.
+UNIT_KEY = ("patient_id", "side", "view", "image_id")
+
+
+def _has_values(column: pd.Series) -> bool:
+    return bool((column.notna() & (column.astype(str) != "")).any())
+
+
+def unit_key_columns(*frames: pd.DataFrame) -> list[str]:
+    """The `UNIT_KEY` columns present and not entirely empty in every frame: the key that matches their rows."""
+    if not frames:
+        raise ValueError("unit_key_columns needs at least one predictions table")
+    columns = [column for column in UNIT_KEY
+               if all(column in frame.columns and _has_values(frame[column]) for frame in frames)]
+    if "patient_id" not in columns:
+        raise ValueError("predictions tables need a non-empty 'patient_id' column to identify their rows")
+    return columns
+
+
+def unit_keys(frame: pd.DataFrame, columns: Sequence[str]) -> pd.Series:
+    """One string per row joining its ``columns``; missing values read as "" (a CSV round trip turns "" into NaN)."""
+    values = frame[list(columns)]
+    parts = values.astype(object).where(values.notna(), "").astype(str)
+    # The ASCII unit separator cannot occur in ids or paths, so distinct rows never join to the same key.
+    return parts.agg("\x1f".join, axis=1) if len(frame) else pd.Series([], index=frame.index, dtype=str)
+
+
+def check_unique_units(frame: pd.DataFrame, columns: Sequence[str], name: str = "predictions") -> pd.Series:
+    """The `unit_keys` of ``frame``; a ValueError names the key, the rows sharing it and an example if not unique."""
+    keys = unit_keys(frame, columns)
+    duplicated = keys.duplicated(keep=False)
+    if not duplicated.any():
+        return keys
+    position = int(np.flatnonzero(duplicated.to_numpy())[0])
+    shown = ", ".join(f"{column}={value!r}" for column, value in frame[list(columns)].iloc[position].items())
+    if "image_id" in columns:
+        hint = ("each row must be one image (unique image_id) or one breast (view 'breast', no image_id); were "
+                "predictions of several runs or repeated folds concatenated?")
+    else:
+        hint = ("per-image predictions need an 'image_id' column (the image's path relative to the dataset root, "
+                "unique per image) in both tables; per-breast rows need distinct (patient_id, side)")
+    raise ValueError(
+        f"{name}: {int(duplicated.sum())} of {len(frame)} rows share their unit key {list(columns)} with another "
+        f"row, e.g. {int((keys == keys.iloc[position]).sum())} rows with {shown}; {hint}"
+    )
 
 
 def prob_column(class_name: str) -> str:

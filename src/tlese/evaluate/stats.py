@@ -9,12 +9,15 @@ within-patient correlation), or use `paired_bootstrap_test` on image-level predi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy.stats import norm, rankdata
+
+from tlese.evaluate.metrics import check_unique_units, unit_key_columns
 
 MetricFn = Callable[[pd.DataFrame], float]
 
@@ -132,30 +135,60 @@ def bootstrap_cis(
     return results
 
 
-def _align_pair(df_a: pd.DataFrame, df_b: pd.DataFrame, id_columns: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Rows of the two prediction tables matched on ``id_columns``, in the same order."""
-    for name, frame in (("A", df_a), ("B", df_b)):
-        missing = [column for column in id_columns if column not in frame.columns]
-        if missing:
-            raise ValueError(f"predictions of model {name} lack id columns {missing}")
-        duplicated = frame.duplicated(list(id_columns)).sum()
-        if duplicated:
-            raise ValueError(f"predictions of model {name}: {duplicated} rows share an id {list(id_columns)}")
-    keys_a = df_a[list(id_columns)].astype(str).agg("|".join, axis=1)
-    keys_b = df_b[list(id_columns)].astype(str).agg("|".join, axis=1)
-    if set(keys_a) != set(keys_b):
-        only_a, only_b = len(set(keys_a) - set(keys_b)), len(set(keys_b) - set(keys_a))
-        raise ValueError(
-            f"the two prediction sets do not cover the same cases ({only_a} only in A, {only_b} only in B; "
-            f"matched on {list(id_columns)})"
-        )
-    aligned_a = df_a.set_index(keys_a.to_numpy()).sort_index().reset_index(drop=True)
-    aligned_b = df_b.set_index(keys_b.to_numpy()).sort_index().reset_index(drop=True)
+@dataclass(frozen=True)
+class AlignedPair:
+    """Two prediction tables restricted to the units they share, row i of ``a`` and of ``b`` being the same unit."""
+
+    a: pd.DataFrame
+    b: pd.DataFrame
+    key: tuple[str, ...]  # the `unit_key_columns` the rows were matched on
+    n_only_a: int  # units dropped because only A had them (0 unless ``drop_unmatched``)
+    n_only_b: int
+
+    @property
+    def n_units(self) -> int:
+        return len(self.a)
+
+    def describe(self) -> str:
+        """E.g. ``"120 units matched on ['patient_id', 'image_id'] (3 only in A and 0 only in B dropped)"``."""
+        dropped = self.n_only_a + self.n_only_b
+        detail = f" ({self.n_only_a} only in A and {self.n_only_b} only in B dropped)" if dropped else ""
+        return f"{self.n_units} units matched on {list(self.key)}{detail}"
+
+
+def _counted(keys: set[str], where: str, count: int = 3) -> str:
+    """E.g. ``"2 only in A (e.g. (P3, images/P3_0.png), (P3, images/P3_1.png))"``."""
+    examples = ", ".join(f"({key.replace(chr(0x1F), ', ')})" for key in sorted(keys)[:count])
+    return f"{len(keys)} only in {where}" + (f" (e.g. {examples})" if keys else "")
+
+
+def align_pair(df_a: pd.DataFrame, df_b: pd.DataFrame, drop_unmatched: bool = False) -> AlignedPair:
+    """Match the rows of two prediction tables on their unit key (`unit_key_columns`), in the same order.
+
+    Each table must have one row per unit (else a ValueError names the duplicated key). Units that only one table
+    has are an error unless ``drop_unmatched``, which keeps the common ones and warns how many were dropped (e.g.
+    an arm with fewer finished folds). The targets of matched rows must agree.
+    """
+    key = unit_key_columns(df_a, df_b)
+    keys_a = check_unique_units(df_a, key, "predictions of model A")
+    keys_b = check_unique_units(df_b, key, "predictions of model B")
+    only_a, only_b = set(keys_a) - set(keys_b), set(keys_b) - set(keys_a)
+    common = len(keys_a) - len(only_a)
+    if only_a or only_b:
+        counts = f"{common} units matched on {key}, {_counted(only_a, 'A')}, {_counted(only_b, 'B')}"
+        if not drop_unmatched or common == 0:
+            advice = "" if common == 0 else ", or pass drop_unmatched=True to test on the common ones"
+            raise ValueError(f"the two prediction sets do not cover the same cases: {counts}; compare the models "
+                             f"on the same cases{advice}")
+        warnings.warn(f"paired comparison restricted to the common units: {counts}", stacklevel=2)
+    keep_a, keep_b = ~keys_a.isin(only_a).to_numpy(), ~keys_b.isin(only_b).to_numpy()
+    aligned_a = df_a[keep_a].set_index(keys_a[keep_a].to_numpy()).sort_index().reset_index(drop=True)
+    aligned_b = df_b[keep_b].set_index(keys_b[keep_b].to_numpy()).sort_index().reset_index(drop=True)
     if "target" in aligned_a.columns and "target" in aligned_b.columns:
         disagree = int((aligned_a["target"].to_numpy() != aligned_b["target"].to_numpy()).sum())
         if disagree:
-            raise ValueError(f"the two prediction sets disagree on the target of {disagree} cases")
-    return aligned_a, aligned_b
+            raise ValueError(f"the two prediction sets disagree on the target of {disagree} cases (matched on {key})")
+    return AlignedPair(aligned_a, aligned_b, tuple(key), len(only_a), len(only_b))
 
 
 def paired_bootstrap_test(
@@ -166,19 +199,21 @@ def paired_bootstrap_test(
     n_boot: int = 2000,
     seed: int = 0,
     alpha: float = 0.05,
-    id_columns: Sequence[str] = ("patient_id", "side", "view"),
+    drop_unmatched: bool = False,
 ) -> dict:
     """Difference ``metric(A) - metric(B)`` of two models on the same cases, with a patient-level paired bootstrap.
 
-    Rows are matched on ``id_columns`` (the fold column is not used: the models may come from different fold
-    assignments). Each resample draws patients once and evaluates both models on the same rows, so the
-    correlation between the models is kept. The two-sided p-value inverts the percentile interval:
-    ``p = 2 * min(P*(diff <= 0), P*(diff >= 0))`` with a +1 correction so it is never reported as exactly 0.
+    Rows are matched by `align_pair` on the unit key (patient_id, side, view, image_id where present; the fold
+    column is not used: the models may come from different fold assignments). Each resample draws patients once
+    and evaluates both models on the same rows, so the correlation between the models is kept. The two-sided
+    p-value inverts the percentile interval: ``p = 2 * min(P*(diff <= 0), P*(diff >= 0))`` with a +1 correction so
+    it is never reported as exactly 0.
 
-    Returns ``metric_a, metric_b, diff, ci_low, ci_high, p_value, n_used, n_boot``.
+    Returns ``metric_a, metric_b, diff, ci_low, ci_high, p_value, n_used, n_boot``, and ``n_units, n_patients,
+    n_dropped`` (units only one table had, dropped with ``drop_unmatched``), ``unit_key``.
     """
-    id_columns = [column for column in id_columns if column in df_a.columns or column in df_b.columns]
-    aligned_a, aligned_b = _align_pair(df_a, df_b, id_columns)
+    pair = align_pair(df_a, df_b, drop_unmatched=drop_unmatched)
+    aligned_a, aligned_b = pair.a, pair.b
     if group_column not in aligned_a.columns:
         raise ValueError(f"cannot bootstrap by '{group_column}': no such column")
     metric_a, metric_b = float(metric_fn(aligned_a)), float(metric_fn(aligned_b))
@@ -207,6 +242,10 @@ def paired_bootstrap_test(
         "p_value": float(p_value),
         "n_used": int(diffs.size),
         "n_boot": n_boot,
+        "n_units": pair.n_units,
+        "n_patients": int(resampler.n_groups),
+        "n_dropped": pair.n_only_a + pair.n_only_b,
+        "unit_key": list(pair.key),
     }
 
 

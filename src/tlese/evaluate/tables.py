@@ -4,6 +4,9 @@
 - `summary_table`: per metric, mean ± std over folds, the pooled value and its patient-level bootstrap 95% CI.
 - `comparison_table`: models against a reference model on the same cases (paired patient bootstrap; DeLong per
   class one-vs-rest).
+- `overview_row`: one arm's headline numbers from its summary table, for a table of arms side by side.
+
+Which metrics appear where is declared once, in `tlese.evaluate.metrics.METRICS`.
 """
 
 from __future__ import annotations
@@ -14,17 +17,20 @@ import numpy as np
 import pandas as pd
 
 from tlese.evaluate.metrics import (
+    HEADLINE_METRICS,
+    METRICS,
     PER_CLASS_METRICS,
+    PRIMARY_METRIC,
     SCALAR_METRICS,
     classification_metrics,
-    fold_metrics,
     flatten_metrics,
+    fold_metrics,
     per_class_key,
-    prob_column,
     predictions_to_arrays,
+    prob_column,
     summarise_folds,
 )
-from tlese.evaluate.stats import bootstrap_cis, delong_per_class, paired_bootstrap_test
+from tlese.evaluate.stats import align_pair, bootstrap_cis, delong_per_class, paired_bootstrap_test
 
 
 def _metric_order(class_names: Sequence[str]) -> list[str]:
@@ -56,6 +62,10 @@ def per_fold_table(predictions: pd.DataFrame, class_names: Sequence[str]) -> pd.
 def fold_warnings(predictions: pd.DataFrame, class_names: Sequence[str]) -> list[str]:
     """The warnings of every fold (e.g. "fold 3: class 'HER2-enriched' is absent ...")."""
     return [note for fold in fold_metrics(predictions, class_names) for note in fold["warnings"]]
+
+
+def _ci_column(alpha: float) -> str:
+    return f"pooled ({100 * (1 - alpha):.0f}% CI)"
 
 
 def summary_table(
@@ -91,10 +101,27 @@ def summary_table(
             "pooled": ci.point,
             "ci_low": ci.low,
             "ci_high": ci.high,
-            f"pooled ({100 * (1 - alpha):.0f}% CI)": ci.format(),
+            _ci_column(alpha): ci.format(),
             "n_boot_used": ci.n_used,
         })
     return pd.DataFrame(rows)
+
+
+def overview_row(summary: pd.DataFrame) -> dict[str, str]:
+    """One arm's row of an overview of arms, from its `summary_table`, following the metric registry.
+
+    Columns: ``"<label> (mean ± std)"`` for each of `HEADLINE_METRICS` in registry order (e.g. ``"macro AUC (mean ±
+    std)"``), then ``"pooled <label> (95% CI)"`` for `PRIMARY_METRIC` (the summary's CI level).
+    """
+    table = summary.set_index("metric")
+    missing = [name for name in HEADLINE_METRICS if name not in table.index]
+    ci_columns = [column for column in table.columns if str(column).startswith("pooled (")]
+    if missing or not ci_columns or "mean ± std" not in table.columns:
+        raise ValueError(f"not a summary_table: lacks metrics {missing} or its 'mean ± std' / 'pooled (CI)' columns")
+    row = {f"{METRICS[name].label} (mean ± std)": table.loc[name, "mean ± std"] for name in HEADLINE_METRICS}
+    level = ci_columns[0].removeprefix("pooled ")
+    row[f"pooled {METRICS[PRIMARY_METRIC].label} {level}"] = table.loc[PRIMARY_METRIC, ci_columns[0]]
+    return row
 
 
 def comparison_table(
@@ -103,38 +130,49 @@ def comparison_table(
     reference: str,
     n_boot: int = 2000,
     seed: int = 0,
-    metrics: Sequence[str] = ("macro_auc", "accuracy", "balanced_accuracy"),
+    metrics: Sequence[str] | None = None,
     group_column: str = "patient_id",
+    drop_unmatched: bool = False,
 ) -> pd.DataFrame:
     """Each model against ``reference`` on the same cases: difference, paired patient-bootstrap 95% CI and p-value.
 
     One row per (model, metric) with ``metric_model, metric_reference, diff, ci_low, ci_high, p_value``; then per
     class an ``auc (<class>)`` row with DeLong's one-vs-rest test, Holm-adjusted over the classes in ``p_holm``.
+    ``metrics`` defaults to `HEADLINE_METRICS`, the primary one first. Rows are matched per unit (image or breast)
+    by `tlese.evaluate.stats.align_pair`; ``n_units`` says how many units (DeLong: patient cases) a test used and
+    ``n_dropped`` how many only one model had (an error unless ``drop_unmatched``).
     DeLong assumes independent cases, so it runs on per-patient mean probabilities (one case per patient and
     target), not on the correlated images; its AUCs are therefore patient-level.
     """
     if reference not in predictions_by_model:
         raise ValueError(f"reference model '{reference}' not among {list(predictions_by_model)}")
+    if metrics is None:
+        metrics = sorted(HEADLINE_METRICS, key=lambda name: name != PRIMARY_METRIC)
+    unknown = [name for name in metrics if name not in _metric_order(class_names)]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; known: {_metric_order(class_names)}")
     compute = _flat_metrics_fn(class_names)
-    reference_predictions = predictions_by_model[reference]
+    prob_columns = [prob_column(name) for name in class_names]
+    reference_columns = [f"{column}__ref" for column in prob_columns]
     rows = []
     for model, predictions in predictions_by_model.items():
         if model == reference:
             continue
+        pair = align_pair(predictions, predictions_by_model[reference], drop_unmatched=drop_unmatched)
+        counts = {"n_units": pair.n_units, "n_dropped": pair.n_only_a + pair.n_only_b}
         for metric in metrics:
             result = paired_bootstrap_test(
-                predictions, reference_predictions, lambda frame, metric=metric: compute(frame)[metric],
+                pair.a, pair.b, lambda frame, metric=metric: compute(frame)[metric],
                 group_column=group_column, n_boot=n_boot, seed=seed,
             )
             rows.append({"model": model, "reference": reference, "metric": metric, "test": "paired patient bootstrap",
                          "metric_model": result["metric_a"], "metric_reference": result["metric_b"],
                          "diff": result["diff"], "ci_low": result["ci_low"], "ci_high": result["ci_high"],
-                         "p_value": result["p_value"], "p_holm": np.nan})
-        id_columns = [column for column in ("patient_id", "side", "view") if column in predictions.columns]
-        merged = predictions.merge(reference_predictions, on=[*id_columns, "target"], suffixes=("", "__ref"))
-        prob_columns = [prob_column(name) for name in class_names]
-        reference_columns = [f"{column}__ref" for column in prob_columns]
-        per_patient = merged.groupby([group_column, "target"], as_index=False)[prob_columns + reference_columns].mean()
+                         "p_value": result["p_value"], "p_holm": np.nan, **counts})
+        # The aligned rows are the same units in the same order, so the reference's probabilities sit beside them.
+        both = pair.a[[group_column, "target", *prob_columns]].assign(
+            **dict(zip(reference_columns, pair.b[prob_columns].to_numpy(dtype=float).T)))
+        per_patient = both.groupby([group_column, "target"], as_index=False)[prob_columns + reference_columns].mean()
         y_true, probs_model = predictions_to_arrays(per_patient, class_names)
         probs_reference = per_patient[reference_columns].to_numpy(dtype=float)
         delong = delong_per_class(y_true, probs_model, probs_reference, class_names)
@@ -143,5 +181,5 @@ def comparison_table(
                          "test": "DeLong one-vs-rest, per patient", "metric_model": row.auc_a,
                          "metric_reference": row.auc_b,
                          "diff": row.diff, "ci_low": row.ci_low, "ci_high": row.ci_high, "p_value": row.p_value,
-                         "p_holm": row.p_holm})
+                         "p_holm": row.p_holm, "n_units": len(per_patient), "n_dropped": counts["n_dropped"]})
     return pd.DataFrame(rows)

@@ -9,15 +9,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Where an inverted residual block may carry an ESE gate.
-ESE_EXPANDED = "expanded"  # on the expanded channels, after the depthwise conv (as SE in MobileNetV3/EfficientNet)
-ESE_OUTPUT = "output"  # on the block output, before the residual add (as VoVNetV2 places ESE)
-ESE_WHERE = (ESE_EXPANDED, ESE_OUTPUT)
+# ESE placements: one vocabulary for blocks and backbones (name -> where the gate sits). A block takes "none",
+# "expanded" or "output"; a backbone also takes "stage", which `block_placement` resolves block by block.
+ESE_PLACEMENTS: dict[str, str] = {
+    "none": "no ESE",
+    "expanded": "every block, on the expanded channels after the depthwise conv (as SE in MobileNetV3/EfficientNet)",
+    "output": "every block, on its output before the residual add (as VoVNetV2 places ESE)",
+    "stage": '"output", but only in the last block of each stage (where the resolution/width changes next)',
+}
+BLOCK_PLACEMENTS = ("none", "expanded", "output")
+DEFAULT_ESE = "stage"
 
-# Initial gate value: ESE starts as a near-identity so ImageNet features are barely disturbed (Lite0 logits move
-# <= 1.4 at 0.95 against ~10 with PyTorch's default init, see docs/models.md), yet with its pre-activation (2.7)
-# clear of the hard-sigmoid's saturation point (3 -> gate 1), where the gradient is zero and the gate never learns.
+# Initial gate: ESE starts as a near-identity so ImageNet features are barely disturbed (measurements in
+# docs/models.md), yet with its pre-activation (6 * 0.95 - 3 = 2.7) clear of the hard-sigmoid's saturation point
+# (3 -> gate 1), where the gradient is zero and the gate never learns.
 DEFAULT_GATE_INIT = 0.95
+
+
+def check_placement(placement: str, valid: tuple[str, ...] | dict = ESE_PLACEMENTS) -> str:
+    """`placement` if it is one of `valid`, else ValueError listing them."""
+    if placement not in valid:
+        raise ValueError(f"unknown ESE placement {placement!r}; valid: {', '.join(valid)}")
+    return placement
+
+
+def block_placement(placement: str, last_in_stage: bool) -> str:
+    """Where one block's gate sits ("none", "expanded" or "output") under a backbone `placement`."""
+    if check_placement(placement) == "stage":
+        return "output" if last_in_stage else "none"
+    return placement
 
 
 class SamePad2d(nn.Module):
@@ -73,7 +93,7 @@ class ConvBNAct(nn.Sequential):
 
 
 class EffectiveSE(nn.Module):
-    """Effective squeeze-excitation (Lee & Park, CenterMask / VoVNetV2).
+    """Effective squeeze-excitation (Lee & Park, CenterMask / VoVNetV2; timm's `EffectiveSEModule`).
 
     `x * hardsigmoid(conv1x1(mean_hw(x)))` with one C->C conv with bias and no channel reduction, so no channel
     information is lost in the squeeze. `gate_init` in (0, 1) starts every gate at that value (zero weights,
@@ -82,24 +102,35 @@ class EffectiveSE(nn.Module):
 
     def __init__(self, channels: int, gate_init: float | None = DEFAULT_GATE_INIT) -> None:
         super().__init__()
+        if gate_init is not None and not 0.0 < gate_init < 1.0:
+            # gate 1 needs pre-activation >= 3, where hardsigmoid is flat: weight and bias would get no gradient
+            raise ValueError(f"gate_init must be in (0, 1) (hard-sigmoid saturates at 1), got {gate_init}")
         self.fc = nn.Conv2d(channels, channels, kernel_size=1, bias=True)
+        self.gate = nn.Hardsigmoid()
         if gate_init is not None:
-            if not 0.0 < gate_init < 1.0:
-                # gate 1 needs pre-activation >= 3, where hardsigmoid is flat: weight and bias would get no gradient
-                raise ValueError(f"gate_init must be in (0, 1) (hard-sigmoid saturates at 1), got {gate_init}")
             nn.init.zeros_(self.fc.weight)
             nn.init.constant_(self.fc.bias, 6.0 * gate_init - 3.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = F.hardsigmoid(self.fc(x.mean(dim=(2, 3), keepdim=True)))
-        return x * gate
+        return x * self.gate(self.fc(x.mean(dim=(2, 3), keepdim=True)))
+
+
+def ese_modules(model: nn.Module) -> list[tuple[str, EffectiveSE]]:
+    """Every ESE gate in `model`, as `(qualified name, module)`, found by type (not by name)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, EffectiveSE)]
+
+
+def ese_state_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of `model` that belong to ESE gates."""
+    return {f"{name}.{key}" for name, m in ese_modules(model) for key in m.state_dict()}
 
 
 class InvertedResidual(nn.Module):
     """MobileNetV2 inverted residual with linear bottleneck: [1x1 expand] -> kxk depthwise -> 1x1 project (no act).
 
-    `ese` places an EffectiveSE gate on the expanded channels (`"expanded"`) or on the block output before the
-    residual add (`"output"`); `None` gives the plain block. The gate is always the attribute `ese`.
+    `ese` (a block placement, `BLOCK_PLACEMENTS`) puts an EffectiveSE gate on the expanded channels
+    (`"expanded"`) or on the block output before the residual add (`"output"`); with `"none"` the attribute
+    `ese` is an `nn.Identity`, so the state-dict names are the same in every variant.
     """
 
     def __init__(
@@ -109,30 +140,29 @@ class InvertedResidual(nn.Module):
         stride: int = 1,
         expand_ratio: int = 6,
         kernel_size: int = 3,
-        ese: str | None = None,
+        ese: str = "none",
         gate_init: float | None = DEFAULT_GATE_INIT,
         act_layer: type[nn.Module] = nn.ReLU6,
         bn_eps: float = 1e-5,
         padding: str = "symmetric",
     ) -> None:
         super().__init__()
-        if ese is not None and ese not in ESE_WHERE:
-            raise ValueError(f"ese must be one of {ESE_WHERE} or None, got {ese!r}")
+        check_placement(ese, BLOCK_PLACEMENTS)
         hidden = in_chs * expand_ratio
         conv = dict(act_layer=act_layer, bn_eps=bn_eps, padding=padding)
         self.use_residual = stride == 1 and in_chs == out_chs
-        self.ese_where = ese
+        self.ese_on_expanded = ese == "expanded"
         self.expand = ConvBNAct(in_chs, hidden, 1, **conv) if expand_ratio != 1 else nn.Identity()
         self.dw = ConvBNAct(hidden, hidden, kernel_size, stride, groups=hidden, **conv)
-        if ese is not None:
-            self.ese = EffectiveSE(hidden if ese == ESE_EXPANDED else out_chs, gate_init)
+        gated = hidden if self.ese_on_expanded else out_chs
+        self.ese = EffectiveSE(gated, gate_init) if ese != "none" else nn.Identity()
         self.project = ConvBNAct(hidden, out_chs, 1, act_layer=None, bn_eps=bn_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.dw(self.expand(x))
-        if self.ese_where == ESE_EXPANDED:
+        if self.ese_on_expanded:
             out = self.ese(out)
         out = self.project(out)
-        if self.ese_where == ESE_OUTPUT:
-            out = self.ese(out)
+        if not self.ese_on_expanded:
+            out = self.ese(out)  # nn.Identity without ESE
         return x + out if self.use_residual else out

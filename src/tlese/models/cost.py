@@ -10,11 +10,17 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tlese.models.blocks import ese_modules
 from tlese.models.registry import create_model, get_entry, list_models
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def ese_parameter_count(model: nn.Module) -> int:
+    """Parameters in the model's ESE gates (found by type, see `blocks.ese_modules`)."""
+    return sum(p.numel() for _, ese in ese_modules(model) for p in ese.parameters())
 
 
 def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
@@ -44,7 +50,7 @@ def model_table(
         with torch.device("meta"):
             model = create_model(name, num_classes, in_chans=in_chans, views=views).eval()
         model.check_input = False
-        ese = sum(p.numel() for n, p in model.named_parameters() if ".ese." in n)
+        ese = ese_parameter_count(model)
         params = count_params(model)
         # ESE share as params added over the same network without ESE
         row = {"model": name, "params_M": params / 1e6, "ese_added_%": 100.0 * ese / (params - ese)}

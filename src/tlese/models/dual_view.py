@@ -6,8 +6,9 @@ single-view chest X-ray checkpoint loads straight into a dual-view mammography m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -1,25 +1,29 @@
 """TLese-ResNet: inverted residual backbones (MobileNetV2-1.0, EfficientNet-Lite0 topologies) with effective SE.
 
 A backbone is built from a block table (`BackboneArch`), so both topologies share one implementation, and the
-ImageNet key maps are derived from the same table. ESE placements (`ESE_PLACEMENTS`):
-  "expanded": every block, on the expanded channels after the depthwise conv;
-  "output":   every block, on its output before the residual add (VoVNetV2);
-  "stage":    "output", but only in the last block of each stage (where the resolution/width changes next).
-The default (`DEFAULT_ESE = "stage"`) is the only placement that adds <= 10 % parameters to both topologies
-(+6.5 % MBV2, +4.8 % Lite0; "output" +10.3 % / +9.3 %, "expanded" +203 % / +223 %); FLOPs grow < 0.2 % for
-all but "expanded" (table and reasoning in docs/models.md).
+ImageNet key maps are derived from the same table. ESE placements are `blocks.ESE_PLACEMENTS` ("none",
+"expanded", "output", "stage"); the default (`DEFAULT_ESE = "stage"`) is chosen for its parameter and FLOP cost,
+tabulated with the reasoning in docs/models.md (`tlese models` prints the table).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights
 
-from tlese.models.blocks import DEFAULT_GATE_INIT, ESE_EXPANDED, ESE_OUTPUT, ConvBNAct, InvertedResidual
+from tlese.models.blocks import (
+    DEFAULT_ESE,
+    DEFAULT_GATE_INIT,
+    ConvBNAct,
+    InvertedResidual,
+    block_placement,
+    check_placement,
+    ese_modules,
+)
 from tlese.models.registry import register_model
 from tlese.models.weights import Lite0PackageWeights, TorchvisionWeights
 
@@ -84,16 +88,6 @@ LITE0 = BackboneArch(
     padding="same",
 )
 
-# placement name -> per-block rule (is_last_in_stage -> where the block's ESE sits, None for no ESE)
-ESE_PLACEMENTS: dict[str, Callable[[bool], str | None]] = {
-    "none": lambda last: None,
-    "expanded": lambda last: ESE_EXPANDED,
-    "output": lambda last: ESE_OUTPUT,
-    "stage": lambda last: ESE_OUTPUT if last else None,
-}
-DEFAULT_ESE = "stage"
-
-
 class TLeseBackbone(nn.Module):
     """stem -> inverted residual blocks (with ESE per `ese`) -> 1x1 conv head -> global average pool."""
 
@@ -108,8 +102,7 @@ class TLeseBackbone(nn.Module):
         gate_init: float | None = DEFAULT_GATE_INIT,
     ) -> None:
         super().__init__()
-        if ese not in ESE_PLACEMENTS:
-            raise ValueError(f"unknown ESE placement {ese!r}; valid: {', '.join(ESE_PLACEMENTS)}")
+        check_placement(ese)
         conv = dict(bn_eps=arch.bn_eps, padding=arch.padding)
         self.ese_placement = ese
         self.stem = ConvBNAct(in_chans, arch.stem_channels, 3, stride=2, **conv)
@@ -121,7 +114,7 @@ class TLeseBackbone(nn.Module):
                     stride=stage.stride if first else 1,
                     expand_ratio=stage.expand_ratio,
                     kernel_size=stage.kernel_size,
-                    ese=ESE_PLACEMENTS[ese](last),
+                    ese=block_placement(ese, last),
                     gate_init=gate_init,
                     **conv,
                 )
@@ -139,8 +132,9 @@ class TLeseBackbone(nn.Module):
 
 def _init_weights(module: nn.Module) -> None:
     """torchvision's MobileNetV2 init for convs and BN; ESE gates keep their own (near-identity) init."""
-    for name, m in module.named_modules():
-        if ".ese" in f".{name}":
+    gates = {id(m) for _, ese in ese_modules(module) for m in ese.modules()}
+    for m in module.modules():
+        if id(m) in gates:
             continue
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out")

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
+
+from tlese.models.blocks import ese_state_keys
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -225,11 +227,6 @@ class Lite0PackageWeights:
 WeightSource = TorchvisionWeights | Lite0PackageWeights
 
 
-def _may_start_fresh(name: str) -> bool:
-    """Tensors with no counterpart in an ImageNet network: ESE gates (ours) and the classifier head."""
-    return ".ese." in name or name.startswith("head.")
-
-
 def load_pretrained(
     model: nn.Module,
     source: WeightSource,
@@ -248,7 +245,9 @@ def load_pretrained(
     if stem in state:
         state[stem] = adapt_input_conv(state[stem], model.in_chans)
     report = load_partial(model, state, exclude_prefixes=())
-    unmapped = report.unexpected + [n for n in report.missing if not _may_start_fresh(n)]
+    # only tensors with no counterpart in an ImageNet network may start fresh: ESE gates (ours) and the head
+    fresh = ese_state_keys(model)
+    unmapped = report.unexpected + [n for n in report.missing if n not in fresh and not n.startswith("head.")]
     unmapped += [n for n, *_ in report.skipped_shape if not n.startswith("head.")]
     if unmapped and not is_tlese:
         raise ValueError(f"{path}: weights do not fit the model ({len(unmapped)} tensors), e.g. {unmapped[:5]}")

@@ -1,4 +1,4 @@
-"""`tlese cv`, `tlese merge`, `tlese compare` and `tlese demo`: thin wrappers over tlese.train.cv / tlese.train.merge."""
+"""`tlese cv`, `merge`, `compare`, `explain` and `demo`: thin wrappers over tlese.train (cv, merge, trained)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ def _add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. --set target_recipe.epochs=3 (repeatable)")
     parser.add_argument("--arm", action="append", default=None, help="run only this arm (repeatable)")
     parser.add_argument("--fold", type=int, default=None, help="run only this fold (one job per fold on a cluster)")
-    parser.add_argument("--no-resume", action="store_true", help="retrain even where a finished fold exists")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="retrain the chosen folds even where they finished (and stage 1 when all folds run)")
+    parser.add_argument("--force", action="store_true",
+                        help="retrain folds and stages made from other settings or data, instead of refusing")
 
 
 def _add_reference_argument(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +46,22 @@ def register(subparsers) -> None:
     _add_reference_argument(merge)
     merge.set_defaults(func=cmd_merge)
 
+    explain = subparsers.add_parser(
+        "explain", help="Grad-CAM overlays for held-out cases of one fold of a cv run",
+        description="Load the fold's best checkpoint, predict its test cases and write Grad-CAM overlays for the most "
+        "confident predictions per true class (right and wrong), with an index.csv.",
+    )
+    explain.add_argument("run_dir", type=Path, help="the run folder (<output_dir>/<name>)")
+    explain.add_argument("--arm", required=True, help="arm name in the run's config")
+    explain.add_argument("--fold", type=int, default=0, help="fold to explain (default 0)")
+    explain.add_argument("--per-class", type=int, default=2, help="cases per true class (default 2)")
+    explain.add_argument("--layer", default=None, help="module name to explain (default: the model's gradcam_layer)")
+    explain.add_argument("--out", type=Path, default=None, help="folder (default <run>/<arm>/fold_<k>/gradcam)")
+    explain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override the run's config, e.g. --set target.root=/new/place/of/the/data")
+    explain.set_defaults(func=cmd_explain)
+
+
     demo = subparsers.add_parser("demo", help="the main job on the embedded synthetic data: synth, stage 1, 5-fold CV, report")
     demo.add_argument("--out", default="runs/demo", help="folder for data, runs and the report (default runs/demo)")
     demo.add_argument("--patients", type=int, default=DEMO_PATIENTS,
@@ -67,7 +86,7 @@ def cmd_cv(args) -> int:
 
     _logging()
     experiment = load_experiment(args.config, args.overrides)
-    run_dir = run_cv(experiment, arms=args.arm, fold=args.fold, resume=not args.no_resume)
+    run_dir = run_cv(experiment, arms=args.arm, fold=args.fold, resume=not args.no_resume, force=args.force)
     print(f"run folder: {run_dir}  (aggregate with: tlese merge {run_dir})")
     return 0
 
@@ -124,4 +143,18 @@ def cmd_demo(args) -> int:
     run_dir = run_cv(experiment)
     report = merge_run(run_dir)
     print(f"\ndemo finished in {time.time() - started:.0f} s\nreport: {report['html']}\nmarkdown: {report['md']}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from tlese.train.trained import explain_fold
+
+    if args.per_class < 1:
+        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
+    out_dir = explain_fold(args.run_dir, args.arm, args.fold, per_class=args.per_class, layer=args.layer,
+                           out_dir=args.out, overrides=args.overrides)
+    count = len(pd.read_csv(out_dir / "index.csv"))
+    print(f"{count} Grad-CAM overlay(s) in {out_dir} (index.csv lists them)")
     return 0

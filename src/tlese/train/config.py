@@ -13,10 +13,22 @@ from typing import Any
 
 import yaml
 
-TRANSFER_MODES = ("scratch", "imagenet", "cxr", "double")
-"""scratch: random init; imagenet: ImageNet -> target; cxr: random -> CXR -> target; double: ImageNet -> CXR -> target.
+@dataclass(frozen=True)
+class Transfer:
+    """Which stages a transfer mode runs before the target task."""
 
-The target task is mammography in the method; any task works (a CXR-only cross-validation puts the CXR data in `target`)."""
+    imagenet: bool
+    cxr: bool
+
+
+TRANSFER = {
+    "scratch": Transfer(imagenet=False, cxr=False),  # random init -> target
+    "imagenet": Transfer(imagenet=True, cxr=False),  # ImageNet -> target
+    "cxr": Transfer(imagenet=False, cxr=True),  # random -> chest X-ray -> target
+    "double": Transfer(imagenet=True, cxr=True),  # ImageNet -> chest X-ray -> target (the method)
+}
+"""The target task is mammography in the method; any task works (a CXR-only cross-validation puts the CXR data in `target`)."""
+TRANSFER_MODES = tuple(TRANSFER)
 
 
 class ConfigError(ValueError):
@@ -25,12 +37,33 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataSource:
-    """One dataset: an adapter name from `tlese.data.datasets`, its root folder and the task to learn on it."""
+    """One dataset: an adapter name from `tlese.data.datasets`, its root folder and the task to learn on it.
+
+    `task` is a registered task name (`tlese.data.tasks.list_tasks()`) or an inline mapping of `Task` fields
+    (name, label_column, classes, grouping, views, modality, single_view_policy, ...); either goes to
+    `tlese.data.tasks.get_task`.
+    """
 
     adapter: str = ""
     root: str = ""
-    task: str = ""
+    task: str | dict[str, Any] = ""  # a registered task name, or the task itself (see tlese.data.tasks.Task)
     options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        """Build the task now, so an unknown name or a bad inline task fails (naming `<where>.task[.<key>]`)
+        before any data is read. An empty task is left to the caller's required-keys check."""
+        if not self.task:
+            return
+        from tlese.data.tasks import Task, get_task
+
+        try:
+            if isinstance(self.task, dict):
+                Task.from_dict(self.task, where=f"{where}.task")
+            else:
+                get_task(self.task)
+        except ValueError as error:
+            message = str(error) if isinstance(self.task, dict) else f"{where}.task: {error}"
+            raise ConfigError(message) from None
 
 
 @dataclass
@@ -126,10 +159,12 @@ class Experiment:
         self.target_recipe.validate("target_recipe")
         if not (self.target.adapter and self.target.root and self.target.task):
             raise ConfigError("target: adapter, root and task are required")
-        if any(arm.transfer in ("cxr", "double") for arm in self.arms) and not (
+        if any(TRANSFER[arm.transfer].cxr for arm in self.arms) and not (
             self.cxr.adapter and self.cxr.root and self.cxr.task
         ):
             raise ConfigError("cxr: adapter, root and task are required by arms with transfer 'cxr' or 'double'")
+        self.target.validate("target")
+        self.cxr.validate("cxr")
 
     def arm(self, name: str) -> Arm:
         for arm in self.arms:
@@ -180,8 +215,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     for kind in allowed:
         if kind is float and isinstance(value, (int, float)):
             return float(value) if not (int in allowed and isinstance(value, int)) else value
-        if isinstance(value, kind):
-            return value
+        base = typing.get_origin(kind) or kind  # dict[str, Any] -> dict
+        if isinstance(value, base):
+            return dict(value) if base is dict else value
     raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 

@@ -1,36 +1,36 @@
 """Patient-level k-fold cross-validation of every arm on the same folds, one fold at a time or all of them.
 
-Layout of a run (`<output_dir>/<name>/`):
-    config.yaml, environment.json, folds_seed<seed>_k<k>.csv, data_summary.csv
-    <arm>/stage1_cxr/                 the CXR stage (shared by all folds: CXR patients never meet mammography folds)
-    <arm>/fold_<k>/                   checkpoints, logs, split.csv (patient -> train/val/test), predictions_*.csv
-Every fold can run as its own job (`--fold k`); `merge` aggregates whatever folds are finished.
+The run folder's layout and its records belong to `tlese.train.rundir`. Every fold can run as its own job
+(`--fold k`); `merge` aggregates whatever folds are finished. Before anything is reused it is checked against what
+made it; a changed setting is refused (or, with `force`, retrained), never silently credited.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from tlese.train import engine
-from tlese.train.config import Arm, Experiment, dump_experiment
+from tlese.train.config import Arm, Experiment, dump_experiment, load_experiment
 from tlese.train.data import PreparedData, make_dataset, prepare
-from tlese.train.stages import fold_tables, initial_model
+from tlese.train.rundir import (
+    EXECUTION_KEYS, RUN_ONLY_KEYS, FoldDir, RunDir, StaleRunError, differences, fingerprint, write_json_atomic,
+)
+from tlese.train.stages import arm_settings, fold_tables, initial_model, settings, stage1_made_from
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS_IMAGES = "predictions_images.csv"
-PREDICTIONS_BREASTS = "predictions_breasts.csv"
-
 
 def run_dir_of(experiment: Experiment) -> Path:
-    return Path(experiment.output_dir) / experiment.name
+    return RunDir.of(experiment).path
 
 
 def _is_global_zero() -> bool:
@@ -39,44 +39,176 @@ def _is_global_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def setup_run(experiment: Experiment) -> tuple[Path, PreparedData, pd.DataFrame]:
-    """Write the resolved config and environment, prepare the target data, make (or reuse) the folds."""
-    from tlese.data.splits import fold_summary, load_folds, make_folds, save_folds
-    from tlese.evaluate.report import environment_info
+# ---------------------------------------------------------------------------------------------------------------
+# Before any work: the whole config is checked
 
-    run_dir = run_dir_of(experiment)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_experiment(experiment, run_dir / "config.yaml")
-    environment = {**environment_info(), "seed": experiment.seed}
-    (run_dir / "environment.json").write_text(json.dumps(environment, indent=2, default=str))
 
-    data = prepare(experiment.target, experiment)
-    folds_path = run_dir / f"folds_seed{experiment.seed}_k{experiment.folds}.csv"
-    if experiment.folds_file:
-        folds = load_folds(experiment.folds_file)
-    elif folds_path.is_file():
-        folds = load_folds(folds_path)  # reruns and per-fold jobs must share one split
+def check_experiment(experiment: Experiment, arms: list[str] | None = None) -> list[Arm]:
+    """Everything that can be checked without data: arm names, models and their options, tasks, adapters, roots,
+    augmentation keys. Returns the chosen arms. Fails in a second, not after the data is prepared."""
+    from tlese.data.datasets import get_adapter
+    from tlese.data.tasks import get_task
+    from tlese.data.transforms import build_transforms
+    from tlese.models import create_model
+    from tlese.train.stages import model_kwargs
+
+    chosen = [experiment.arm(name) for name in arms] if arms else list(experiment.arms)
+    sources = [("target", experiment.target, experiment.target_recipe)]
+    if any(engine_uses_cxr(arm) for arm in chosen):
+        sources.append(("cxr", experiment.cxr, experiment.cxr_recipe))
+    for key, source, recipe in sources:
+        get_adapter(source.adapter)
+        task = get_task(source.task)
+        if not Path(source.root).exists():
+            raise FileNotFoundError(f"{key}.root: {source.root} does not exist")
+        for modality, cfg in recipe.augment.items():
+            build_transforms(modality, train=True, cfg=cfg or None)
+        if key == "target":
+            num_classes = len(task.classes)
+    for arm in chosen:
+        try:  # the smallest build that runs the arm's own registry lookup and option checks
+            create_model(arm.model, pretrained=False, **{**model_kwargs(arm, experiment, num_classes, experiment.views)})
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"arm {arm.name}: {error}") from None
+    return chosen
+
+
+def engine_uses_cxr(arm: Arm) -> bool:
+    from tlese.train.config import TRANSFER
+
+    return TRANSFER[arm.transfer].cxr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run: config, data, folds
+
+
+def _comparable(config: dict) -> dict:
+    """The part of a resolved config that decides results (not paths, workers, devices or report settings)."""
+    kept = {key: value for key, value in config.items() if key not in RUN_ONLY_KEYS}
+    for key in ("target", "cxr"):
+        kept[key] = {name: value for name, value in kept[key].items() if name != "root"}
+    for key in ("cxr_recipe", "target_recipe"):
+        kept[key] = {name: value for name, value in kept[key].items() if name not in EXECUTION_KEYS}
+    return kept
+
+
+def _settle_config(experiment: Experiment, run: RunDir, force: bool) -> None:
+    """Write the resolved config of a new run; for an existing run, refuse changed settings (or, with `force`,
+    record the new ones) and add arms that are new. The config that finished folds came from is never rewritten."""
+    current = experiment.to_dict()
+    if not run.config_file.is_file():
+        dump_experiment(experiment, run.config_file)
+        return
+    recorded = yaml.safe_load(run.config_file.read_text())
+    changed = differences(_comparable(recorded), _comparable(current))
+    recorded_arms = {arm["name"]: arm for arm in recorded.get("arms", [])}
+    for arm in current["arms"]:
+        if arm["name"] in recorded_arms:
+            changed += differences(recorded_arms[arm["name"]], arm, f"arms[{arm['name']}].")
+    if changed and not force:
+        raise StaleRunError(f"{run.path} was made with other settings ({'; '.join(changed[:8])}). Start a new run "
+                            f"(--set name=NEW), or retrain what they change with --force")
+    if force and changed:
+        merged = {**current, "arms": [*current["arms"],
+                                      *[arm for name, arm in recorded_arms.items()
+                                        if name not in {a["name"] for a in current["arms"]}]]}
+    else:
+        new_arms = [arm for arm in current["arms"] if arm["name"] not in recorded_arms]
+        if not new_arms:
+            return
+        merged = {**recorded, "arms": [*recorded["arms"], *new_arms]}
+    temporary = run.config_file.with_name(f".config.yaml.{os.getpid()}.tmp")
+    temporary.write_text(yaml.safe_dump(merged, sort_keys=False))
+    os.replace(temporary, run.config_file)
+
+
+def _folds_for(experiment: Experiment, run: RunDir, data: PreparedData) -> pd.DataFrame:
+    """The run's folds: the saved ones (checked against the data), a given fold file (checked, copied in), or new."""
+    from tlese.data.splits import load_folds, make_folds, save_folds
+
+    saved = run.folds_file(experiment.seed, experiment.folds)
+    if saved.is_file():
+        folds = load_folds(saved, data.table, strict=True)
+    elif experiment.folds_file:
+        folds = load_folds(experiment.folds_file, data.table, strict=True)
+        save_folds(folds, saved, seed=folds.attrs.get("seed"), source=f"copy of {Path(experiment.folds_file).name}")
     else:
         folds = make_folds(data.table, k=experiment.folds, seed=experiment.seed)
-        save_folds(folds, folds_path, seed=experiment.seed)
-    unknown = set(data.table["patient_id"]) - set(folds["patient_id"])
-    if unknown:
-        raise ValueError(f"fold file lacks {len(unknown)} patient(s) of the data, e.g. {sorted(unknown)[:3]}")
+        save_folds(folds, saved, seed=experiment.seed)
+    if folds["fold"].nunique() != experiment.folds:
+        raise ValueError(f"{saved}: {folds['fold'].nunique()} folds, but the experiment asks for {experiment.folds}")
+    return folds
+
+
+def setup_run(experiment: Experiment, force: bool = False) -> tuple[Path, PreparedData, pd.DataFrame]:
+    """Settle the run's config, prepare the target data, make (or reuse, checked) the folds."""
+    from tlese.data.splits import fold_summary
+    from tlese.provenance import environment_info
+
+    run = RunDir.of(experiment)
+    run.path.mkdir(parents=True, exist_ok=True)
+    _settle_config(experiment, run, force)
+    if not run.environment_file.is_file():  # each fold job records its own; this is the run's first
+        write_json_atomic(run.environment_file, {**environment_info(), "seed": experiment.seed})
+
+    data = prepare(experiment.target, experiment)
+    folds = _folds_for(experiment, run, data)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         summary = fold_summary(data.table, folds)
     for caught_warning in caught:  # kept for the report, and still shown to the user
         data.notes.append(str(caught_warning.message))
         warnings.warn(caught_warning.message, stacklevel=2)
-    summary.to_csv(run_dir / "data_summary.csv", index=False)
-    return run_dir, data, folds
+    summary.to_csv(run.data_summary_file, index=False)
+    return run.path, data, folds
+
+
+def folds_fingerprint(folds: pd.DataFrame) -> str:
+    rows = sorted(f"{patient}\t{fold}" for patient, fold in folds[["patient_id", "fold"]].itertuples(index=False))
+    return fingerprint(rows)
+
+
+def fold_made_from(experiment: Experiment, arm: Arm, data: PreparedData, folds: pd.DataFrame,
+                   stage1: dict | None) -> dict:
+    """Everything one fold's predictions are computed from (compared before the fold is reused)."""
+    import tlese
+
+    target = experiment.target
+    return {"tlese": tlese.__version__, "arm": arm_settings(arm), "seed": experiment.seed,
+            "image_size": experiment.image_size, "in_chans": experiment.in_chans, "views": experiment.views,
+            "fusion": experiment.fusion,
+            "data": {"adapter": target.adapter, "task": target.task, "options": target.options,
+                     "fingerprint": data.fingerprint(), "preprocess": data.preprocess},
+            "folds": folds_fingerprint(folds), "recipe": settings(dataclasses.asdict(experiment.target_recipe)),
+            "stage1": stage1}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One fold
 
 
 def _probability_columns(class_names) -> list[str]:
     return [f"prob_{name}" for name in class_names]
 
 
-def _prediction_frame(rows: pd.DataFrame, probs: np.ndarray, fold: int, class_names, view: str | None) -> pd.DataFrame:
+def _image_ids(rows: pd.DataFrame, root: str) -> np.ndarray:
+    """Each image's path relative to the data root (never an absolute path: folder names can hold dates)."""
+    if "image_id" in rows and rows["image_id"].astype(str).str.len().gt(0).all():
+        return rows["image_id"].astype(str).to_numpy()
+    base = Path(root).resolve()
+
+    def relative(path: str) -> str:
+        try:
+            return Path(path).resolve().relative_to(base).as_posix()
+        except ValueError:
+            return Path(path).name
+
+    return rows["path"].map(relative).to_numpy()
+
+
+def _prediction_frame(rows: pd.DataFrame, probs: np.ndarray, fold: int, class_names, view: str | None,
+                      root: str = "") -> pd.DataFrame:
     frame = pd.DataFrame({
         "fold": fold,
         "patient_id": rows["patient_id"].to_numpy(),
@@ -87,8 +219,8 @@ def _prediction_frame(rows: pd.DataFrame, probs: np.ndarray, fold: int, class_na
     })
     for column, values in zip(_probability_columns(class_names), probs.T):
         frame[column] = values
-    if view is None and "path" in rows:
-        frame["path"] = rows["path"].to_numpy()
+    if view is None and ("path" in rows or "image_id" in rows):
+        frame["image_id"] = _image_ids(rows, root)
     return frame
 
 
@@ -112,65 +244,92 @@ def assert_no_leakage(split: pd.DataFrame, where: str) -> None:
         raise AssertionError(f"{where}: {len(leaked)} test patient(s) also in training/validation, e.g. {sorted(leaked)[:3]}")
 
 
+def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frame.to_csv(temporary, index=False)
+    os.replace(temporary, path)
+
+
 def run_fold(experiment: Experiment, arm: Arm, fold: int, data: PreparedData, folds: pd.DataFrame, run_dir: Path,
-             resume: bool = True) -> Path:
-    """Train stage 2 of `arm` on the other folds and predict the held-out `fold`; returns the fold's folder."""
-    fold_dir = run_dir / arm.name / f"fold_{fold}"
-    if resume and (fold_dir / PREDICTIONS_IMAGES).is_file():
-        log.info("%s fold %d already predicted, skipping", arm.name, fold)
-        return fold_dir
-    fold_dir.mkdir(parents=True, exist_ok=True)
+             resume: bool = True, force: bool = False, cxr_data: PreparedData | None = None) -> Path:
+    """Train stage 2 of `arm` on the other folds and predict the held-out `fold`; returns the fold's folder.
+
+    `cxr_data`: the prepared stage-1 data, when the caller has it already (it is prepared here otherwise)."""
+    run = RunDir(run_dir)
+    fold_dir = run.arm(arm.name).fold(fold)
+    stage1 = None
+    if engine_uses_cxr(arm):
+        cxr_data = cxr_data or prepare(experiment.cxr, experiment)
+        stage1 = stage1_made_from(arm, experiment, cxr_data)
+    made_from = fold_made_from(experiment, arm, data, folds, stage1)
+    with fold_dir.lock():
+        if not resume:
+            fold_dir.clear()
+        fold_dir.claim(made_from, force=force)
+        if fold_dir.is_predicted():
+            log.info("%s fold %d already predicted from the same settings, skipping", arm.name, fold)
+            return fold_dir.path
+        _train_and_predict(experiment, arm, fold_dir, data, folds, run, force, made_from, cxr_data)
+    return fold_dir.path
+
+
+def _train_and_predict(experiment: Experiment, arm: Arm, fold_dir: FoldDir, data: PreparedData, folds: pd.DataFrame,
+                       run: RunDir, force: bool, made_from: dict, cxr_data: PreparedData | None) -> None:
+    """Train (or resume) the fold's stage 2 and write its split, predictions and record (the record last)."""
+    fold = fold_dir.fold
     recipe = experiment.target_recipe
     train, val, test = fold_tables(data, folds, fold, recipe.val_fraction, experiment.seed)
     split = pd.concat([frame[["patient_id"]].drop_duplicates().assign(role=role)
                        for frame, role in ((train, "train"), (val, "val"), (test, "test"))], ignore_index=True)
-    assert_no_leakage(split, str(fold_dir))
-    split.to_csv(fold_dir / "split.csv", index=False)
+    assert_no_leakage(split, str(fold_dir.path))
+    _write_csv_atomic(split, fold_dir.split_file)
 
     started = time.time()
     seed = experiment.seed + fold
     # Model initialisation (heads, ESE, scratch arms) is seeded too, inside initial_model.
-    model, init = initial_model(arm, experiment, data.num_classes, run_dir / arm.name, seed=seed, resume=resume)
+    model, init = initial_model(arm, experiment, data.num_classes, run.arm(arm.name), seed=seed, force=force,
+                                cxr_data=cxr_data)
     modality, views = data.task.modality, experiment.views
     result = engine.fit(model, make_dataset(train, views, modality, train=True, recipe=recipe, seed=seed),
                         make_dataset(val, views, modality, train=False, recipe=recipe),
-                        recipe, fold_dir, num_classes=data.num_classes, seed=seed, resume=resume)
+                        recipe, fold_dir.path, num_classes=data.num_classes, seed=seed)
     if not _is_global_zero():
-        return fold_dir
-    engine.load_trained_weights(model, result.best_checkpoint)
+        return
+    engine.load_trained_weights(model, fold_dir.best_checkpoint())
     class_names = list(data.task.classes)
+    root = experiment.target.root
     test_images = make_dataset(test, views, modality, train=False, recipe=recipe, per_image=True)
     image_predictions = _prediction_frame(test, engine.predict_probs(model, test_images, recipe.batch_size),
-                                          fold, class_names, view=None)
+                                          fold, class_names, view=None, root=root)
+    breast_predictions = None
     if views == "dual":
         breasts = make_dataset(test, views, modality, train=False, recipe=recipe)
         breast_predictions = _prediction_frame(breasts.breasts, engine.predict_probs(model, breasts, recipe.batch_size),
                                                fold, class_names, view="breast")
     elif modality == "mammo":
         breast_predictions = breast_level(image_predictions, class_names)
-    else:
-        breast_predictions = None
     if breast_predictions is not None:
-        breast_predictions.to_csv(fold_dir / PREDICTIONS_BREASTS, index=False)
-    image_predictions.to_csv(fold_dir / PREDICTIONS_IMAGES, index=False)
-    (fold_dir / "fold_info.json").write_text(json.dumps({
+        _write_csv_atomic(breast_predictions, fold_dir.breast_predictions_file)
+    _write_csv_atomic(image_predictions, fold_dir.image_predictions_file)
+    # The record is written last: a fold counts as predicted only once it exists (see FoldDir.is_predicted).
+    write_json_atomic(fold_dir.record_file, {
         "arm": arm.name, "model": arm.model, "transfer": arm.transfer, "fold": fold, "seed": seed,
-        "init": init.to_dict(), "train_patients": int(train["patient_id"].nunique()),
-        "val_patients": int(val["patient_id"].nunique()), "test_patients": int(test["patient_id"].nunique()),
-        "train_images": len(train), "val_images": len(val), "test_images": len(test),
-        "best_checkpoint": str(result.best_checkpoint), "epochs_run": result.epochs_run,
-        "world_size": result.world_size, "seconds": round(time.time() - started, 1), "run_by": _run_by(),
-    }, indent=2))
+        "made_from": fingerprint(made_from), "init": init.to_dict(),
+        "train_patients": int(train["patient_id"].nunique()), "val_patients": int(val["patient_id"].nunique()),
+        "test_patients": int(test["patient_id"].nunique()), "train_images": len(train), "val_images": len(val),
+        "test_images": len(test), "best_checkpoint": result.best_checkpoint.name, "selected": result.selected,
+        "epochs_run": result.epochs_run, "world_size": result.world_size, "seconds": round(time.time() - started, 1),
+        "run_by": _run_by(),
+    })
     log.info("%s fold %d: %d epochs in %.0f s; %d held-out images of %d patients predicted", arm.name, fold,
              result.epochs_run, time.time() - started, len(test), test["patient_id"].nunique())
-    return fold_dir
 
 
 def _run_by() -> dict:
     """Code and machine state of this fold's job: arms and folds of one run may come from different jobs and commits."""
     import torch
 
-    from tlese.evaluate.report import environment_info
+    from tlese.provenance import environment_info
 
     keys = ("date_utc", "git_commit", "git_dirty", "tlese", "torch", "cpu", "gpu")
     return {**{key: value for key, value in environment_info().items() if key in keys},
@@ -178,15 +337,30 @@ def _run_by() -> dict:
 
 
 def run_cv(experiment: Experiment, arms: list[str] | None = None, fold: int | None = None,
-           resume: bool = True) -> Path:
+           resume: bool = True, force: bool = False) -> Path:
     """Run the chosen arms (default: all) on the chosen fold (default: all) and return the run folder."""
-    run_dir, data, folds = setup_run(experiment)
-    chosen = [experiment.arm(name) for name in arms] if arms else experiment.arms
+    chosen = check_experiment(experiment, arms)
+    if fold is not None and not 0 <= fold < experiment.folds:
+        raise ValueError(f"fold {fold} does not exist; folds: 0..{experiment.folds - 1}")
+    run_dir, data, folds = setup_run(experiment, force=force)
+    cxr_data = prepare(experiment.cxr, experiment) if any(engine_uses_cxr(arm) for arm in chosen) else None
+    notes = data.notes + (cxr_data.notes if cxr_data else [])
+    write_json_atomic(RunDir(run_dir).notes_file, notes)
     fold_ids = sorted(folds["fold"].unique()) if fold is None else [fold]
-    if fold is not None and fold not in set(folds["fold"]):
-        raise ValueError(f"fold {fold} does not exist; folds: {sorted(folds['fold'].unique())}")
-    (run_dir / "notes.json").write_text(json.dumps(data.notes, indent=2))
+    if not resume:  # retrain the chosen folds, and stage 1 only when all folds are retrained (not per cluster job)
+        for arm in chosen:
+            arm_dir = RunDir(run_dir).arm(arm.name)
+            for stage in [*(arm_dir.fold(k) for k in fold_ids), *([arm_dir.stage1] if fold is None else [])]:
+                with stage.lock():
+                    stage.clear()
     for arm in chosen:
         for fold_id in fold_ids:
-            run_fold(experiment, arm, int(fold_id), data, folds, run_dir, resume=resume)
+            run_fold(experiment, arm, int(fold_id), data, folds, run_dir, force=force, cxr_data=cxr_data)
     return run_dir
+
+
+def reload_experiment(run_dir: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """The experiment a run folder was made with (its resolved config), with optional `key=value` overrides."""
+    run = RunDir(Path(run_dir))
+    run.require()
+    return load_experiment(run.config_file, overrides or [])

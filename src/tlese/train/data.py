@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from torch.utils.data import Dataset
 
 from tlese.train.config import DataSource, Experiment, Recipe
@@ -29,6 +29,22 @@ class PreparedData:
     def num_classes(self) -> int:
         return len(self.task.classes)
 
+    def fingerprint(self) -> str:
+        """What the images and labels are: rows (patient, side, view, target, image, content hash) and the
+        preprocessing folder each prepared file is in (named by the parameters' fingerprint), so a changed label,
+        image or preprocessing changes this fingerprint, and moving the data does not."""
+        import hashlib
+
+        columns = [column for column in ("patient_id", "side", "view", "target", "image_id", "source_sha256")
+                   if column in self.table.columns]
+        # With the source's content hash, the preprocessing folder is enough (data may move); without, the file name.
+        keep = 1 if "source_sha256" in columns else 2
+        frame = self.table[columns].astype(str).assign(
+            prepared=self.table["prepared_path"].map(lambda path: "/".join(Path(path).parent.parts[-1:]
+                                                                           + Path(path).parts[-1:][:keep - 1])))
+        lines = sorted("\t".join(row) for row in frame.itertuples(index=False, name=None))
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
     def internal_split(self, val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Patient-level train/validation split of the whole table (used by stage 1, which has no test fold)."""
         from tlese.data.splits import make_folds
@@ -44,57 +60,39 @@ def prepare(source: DataSource, experiment: Experiment) -> PreparedData:
     """Read the source with its adapter, encode the task's labels, prepare every image once (cached)."""
     from tlese.data.cache import prepare_table
     from tlese.data.datasets import get_adapter
+    from tlese.data.datasets._common import format_skipped
     from tlese.data.preprocess import PreprocessParams
     from tlese.data.tasks import get_task
 
     task = get_task(source.task)
     table = get_adapter(source.adapter)(source.root, **source.options)
+    notes = []
+    skipped = table.attrs.get("skipped") or []
+    if skipped:  # files the adapter could not use: named in the report, never dropped silently
+        notes.append(f"read {source.adapter}: {format_skipped(skipped)}")
+        log.warning("%s: %d file(s) skipped while reading (listed in the report's notes), e.g. %s: %s",
+                    source.adapter, len(skipped), *skipped[0])
     table, encode_report = task.encode(table)
-    notes = [f"{source.task}: {encode_report}"]
+    notes.append(f"{task.name}: {encode_report}")
     params = PreprocessParams(size=experiment.image_size, modality=task.modality)
-    table, summary = prepare_table(table, params, Path(experiment.cache_dir), workers=experiment.prepare_workers)
+    # A progress bar only on a terminal: in a cluster log it would be thousands of redrawn frames.
+    table, summary = prepare_table(table, params, Path(experiment.cache_dir), workers=experiment.prepare_workers,
+                                   progress=sys.stderr.isatty(), root=source.root)
     notes.append(f"prepare {source.adapter}: {summary}")
     if table.empty:
         raise ValueError(f"{source.root}: no usable image left after preparation ({summary})")
     return PreparedData(table=table.reset_index(drop=True), task=task, preprocess=params.to_dict(), notes=notes)
 
 
-class DuplicatedView(Dataset):
-    """One image shown to a dual-view model in both view slots (per-image predictions of a dual-view model)."""
-
-    def __init__(self, images: Dataset):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index):
-        image, target, *rest = self.images[index]
-        return (torch.stack([image, image]), target, *rest)
-
-
 def make_dataset(table: pd.DataFrame, views: str, modality: str, *, train: bool, recipe: Recipe,
                  seed: int | None = None, per_image: bool = False) -> Dataset:
-    """Single-view: one item per image. Dual-view: one item per breast (CC, MLO), or per image duplicated."""
-    from tlese.data.loader import BreastDataset, ImageDataset
-    from tlese.data.transforms import build_transforms
+    """The data layer's dataset for a stage, with the recipe's augmentation for `modality`."""
+    from tlese.data.loader import make_dataset as dataset_for
 
-    transform = build_transforms(modality, train=train, cfg=recipe.augment.get(modality) or None, seed=seed)
-    if views == "single":
-        return ImageDataset(table, transform=transform)
-    if per_image:
-        return DuplicatedView(ImageDataset(table, transform=transform))
-    return BreastDataset(table, transform=transform)
+    return dataset_for(table, views, modality, train=train, augment=recipe.augment.get(modality) or None, seed=seed,
+                       per_image=per_image)
 
 
 def dataset_targets(dataset: Dataset) -> np.ndarray:
     """Integer targets of a dataset built by `make_dataset`, in item order."""
-    if isinstance(dataset, DuplicatedView):
-        dataset = dataset.images
-    for attribute in ("targets",):
-        if hasattr(dataset, attribute):
-            return np.asarray(getattr(dataset, attribute), dtype=np.int64)
-    frame = getattr(dataset, "breasts", None)
-    if frame is None:
-        frame = dataset.table
-    return frame["target"].to_numpy(dtype=np.int64)
+    return np.asarray(dataset.targets, dtype=np.int64)

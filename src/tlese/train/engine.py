@@ -7,8 +7,12 @@ warm-up + cosine schedule, class balancing, and the rule that model selection on
 
 from __future__ import annotations
 
-import json
+import logging
 import math
+import os
+import signal
+import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +20,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import lightning.pytorch as pl
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tlese.train.config import Recipe
+from tlese.train.rundir import StageDir, sha256_file, write_json_atomic
 
-DONE_MARKER = "done.json"
+log = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a stage: what was saved and where training resumes."""
+
+    def __init__(self, stage_dir: Path, last_checkpoint: Path | None):
+        self.stage_dir, self.last_checkpoint = stage_dir, last_checkpoint
+        saved = f"last checkpoint {last_checkpoint}" if last_checkpoint else "no checkpoint of this stage yet"
+        super().__init__(f"interrupted while training {stage_dir} ({saved}); finished stages and folds are kept")
 
 
 @dataclass
@@ -34,6 +49,7 @@ class FitResult:
     resumed_from: Path | None
     epochs_run: int
     world_size: int | None = 1  # processes that trained it (DDP); None: finished before this was recorded
+    selected: dict | None = None  # epoch and validation metrics of the selected (best) checkpoint
 
 
 def macro_auc(targets: np.ndarray, probs: np.ndarray) -> float:
@@ -49,9 +65,13 @@ def macro_auc(targets: np.ndarray, probs: np.ndarray) -> float:
 
 
 def class_weights_from_targets(targets: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights, scaled so the mean weight over samples is 1; an absent class gets 0 (nothing to learn)."""
+    """Inverse-frequency weights, scaled so the mean weight over samples is 1.
+
+    A class absent from training gets weight 1: it has nothing to learn from, but a validation split holding it must
+    still give a finite, meaningful loss (weight 0 made a validation batch of that class 0/0 = NaN).
+    """
     counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
-    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 0.0)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 1.0)
     return torch.tensor(weights, dtype=torch.float32)
 
 
@@ -63,87 +83,149 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _lightning_module_class():
-    import lightning.pytorch as pl
+class ClassificationModule(pl.LightningModule):
+    """Cross-entropy classification of any `tlese` model; logs loss, accuracy and macro AUC."""
 
-    class ClassificationModule(pl.LightningModule):
-        """Cross-entropy classification of any `tlese` model; logs loss, accuracy and macro AUC."""
+    def __init__(self, model: nn.Module, num_classes: int, recipe: Recipe, class_weights: torch.Tensor | None):
+        super().__init__()
+        self.model = model
+        self.num_classes = num_classes
+        self.recipe = recipe
+        self.loss = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=recipe.label_smoothing)
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.channels_last = False
 
-        def __init__(self, model: nn.Module, num_classes: int, recipe: Recipe, class_weights: torch.Tensor | None):
-            super().__init__()
-            self.model = model
-            self.num_classes = num_classes
-            self.recipe = recipe
-            self.loss = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=recipe.label_smoothing)
-            self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
-            self.channels_last = False
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if self.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            return self.model(x)
+    def training_step(self, batch, batch_idx):
+        images, targets = batch[0], batch[1]
+        loss = self.loss(self(images), targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at step {self.global_step} (the model diverged: "
+                                     "lower the learning rate)")
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets), sync_dist=True)
+        return loss
 
-        def training_step(self, batch, batch_idx):
-            images, targets = batch[0], batch[1]
-            logits = self(images)
-            loss = self.loss(logits, targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss at step {self.global_step}")
-            self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets), sync_dist=True)
-            return loss
+    def validation_step(self, batch, batch_idx):
+        images, targets = batch[0], batch[1]
+        logits = self(images)
+        self._val_outputs.append((logits.float().detach(), targets.detach()))
 
-        def validation_step(self, batch, batch_idx):
-            images, targets = batch[0], batch[1]
-            logits = self(images)
-            loss = self.loss(logits, targets)
-            self.log("val_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets), sync_dist=True)
-            self._val_outputs.append((torch.softmax(logits.float(), dim=1).detach(), targets.detach()))
+    def on_validation_epoch_end(self):
+        if not self._val_outputs:
+            return
+        # Validation is not sharded (every rank sees the whole split), so these are the full split's numbers.
+        logits = torch.cat([output for output, _ in self._val_outputs])
+        targets = torch.cat([target for _, target in self._val_outputs])
+        self._val_outputs.clear()
+        loss = self.loss(logits, targets)  # over the whole split: batch-wise means weight small batches wrongly
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"validation loss is not finite at epoch {self.current_epoch}")
+        probs_np, targets_np = torch.softmax(logits, dim=1).cpu().numpy(), targets.cpu().numpy()
+        auc = macro_auc(targets_np, probs_np)
+        # NaN AUC (a validation split without two classes) must not win model selection: log it as 0.
+        self.log("val_loss", loss, prog_bar=True)
+        self.log("val_auc", 0.0 if math.isnan(auc) else auc, prog_bar=True)
+        self.log("val_acc", float((probs_np.argmax(1) == targets_np).mean()), prog_bar=True)
 
-        def on_validation_epoch_end(self):
-            if not self._val_outputs:
-                return
-            probs = torch.cat([p for p, _ in self._val_outputs])
-            targets = torch.cat([t for _, t in self._val_outputs])
-            self._val_outputs.clear()
-            if self.trainer.world_size > 1:  # every rank must see the whole validation set for AUC
-                probs = self.all_gather(probs).reshape(-1, probs.shape[-1])
-                targets = self.all_gather(targets).reshape(-1)
-            probs_np, targets_np = probs.cpu().numpy(), targets.cpu().numpy()
-            auc = macro_auc(targets_np, probs_np)
-            accuracy = float((probs_np.argmax(1) == targets_np).mean())
-            # NaN AUC (a validation split without two classes) must not win model selection: log it as 0.
-            self.log("val_auc", 0.0 if math.isnan(auc) else auc, prog_bar=True, rank_zero_only=False)
-            self.log("val_acc", accuracy, prog_bar=True)
+    def configure_optimizers(self):
+        recipe = self.recipe
+        decay, no_decay = [], []
+        for parameter in self.model.parameters():
+            if parameter.requires_grad:
+                # Norm and bias parameters are not decayed (standard for BN-heavy CNNs).
+                (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+        groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if recipe.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=0.9, nesterov=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=recipe.lr)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs))
+        warmup_steps = int(round(recipe.warmup_epochs * steps_per_epoch))
+        if recipe.scheduler == "constant":
+            schedule = lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0  # noqa: E731
+        else:
+            schedule = lambda step: warmup_cosine(step, warmup_steps, total_steps)  # noqa: E731
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-        def configure_optimizers(self):
-            recipe = self.recipe
-            decay, no_decay = [], []
-            for name, parameter in self.model.named_parameters():
-                if parameter.requires_grad:
-                    # Norm and bias parameters are not decayed (standard for BN-heavy CNNs).
-                    (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-            groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-            if recipe.optimizer == "sgd":
-                optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=0.9, nesterov=True)
-            else:
-                optimizer = torch.optim.AdamW(groups, lr=recipe.lr)
-            total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-            steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs))
-            warmup_steps = int(round(recipe.warmup_epochs * steps_per_epoch))
-            if recipe.scheduler == "constant":
-                schedule = lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0  # noqa: E731
-            else:
-                schedule = lambda step: warmup_cosine(step, warmup_steps, total_steps)  # noqa: E731
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    return ClassificationModule
+class EpochSampler(Sampler):
+    """Training order and one augmentation seed per item, drawn from (seed, epoch) alone.
+
+    Nothing carries over from one epoch to the next, so a run resumed after a kill replays exactly the epochs of an
+    uninterrupted run. With class weights, items are drawn with replacement (balanced sampling). Under DDP each rank
+    takes every world_size-th item (padded to equal length), so Lightning's sampler replacement is turned off.
+    """
+
+    def __init__(self, size: int, seed: int, weights: np.ndarray | None = None):
+        self.size, self.seed, self.epoch = size, int(seed), 0
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
+
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning before every epoch
+        self.epoch = int(epoch)
+
+    @staticmethod
+    def _rank_and_world() -> tuple[int, int]:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self._rank_and_world()[1])
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.weights is None:
+            order = rng.permutation(self.size)
+        else:
+            order = rng.choice(self.size, size=self.size, replace=True, p=self.weights)
+        seeds = rng.integers(0, 2**62, size=self.size)
+        rank, world = self._rank_and_world()
+        padded = np.resize(np.arange(self.size), len(self) * world)  # wraps around to give every rank len(self)
+        for position in padded[rank::world]:
+            yield int(order[position]), int(seeds[position])
+
+
+class _EpochSeeding(pl.Callback):
+    """Reseed torch, NumPy and Python at each epoch's start from (seed, epoch): dropout and anything else drawn from
+    the global generators then do not depend on whether the run was resumed."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        import random
+
+        value = (self.seed * 1_000_003 + trainer.current_epoch) % (2**31)
+        random.seed(value)
+        np.random.seed(value)
+        torch.manual_seed(value)
+
+
+class _EpochLog(pl.Callback):
+    """One line per epoch, for logs that are not a terminal (where a progress bar would write thousands of frames)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
+                   if key in ("train_loss", "val_loss", "val_acc", "val_auc")}
+        shown = " ".join(f"{key} {value:.4f}" for key, value in sorted(metrics.items()))
+        log.info("%s epoch %d/%d: %s", self.name, trainer.current_epoch + 1, trainer.max_epochs, shown)
 
 
 def _targets_of(dataset: Dataset) -> np.ndarray:
-    from tlese.train.data import dataset_targets
-
-    return dataset_targets(dataset)
+    return np.asarray(dataset.targets, dtype=np.int64)
 
 
 def _on_gpu(recipe: Recipe) -> bool:
@@ -151,19 +233,131 @@ def _on_gpu(recipe: Recipe) -> bool:
 
 
 def make_train_loader(dataset: Dataset, recipe: Recipe, num_classes: int, seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    sampler = None
+    weights = None
     if recipe.class_balance == "sampler":
         targets = _targets_of(dataset)
-        per_class = class_weights_from_targets(targets, num_classes).numpy()
-        sampler = WeightedRandomSampler(per_class[targets], num_samples=len(targets), replacement=True, generator=generator)
-    return DataLoader(dataset, batch_size=recipe.batch_size, shuffle=sampler is None, sampler=sampler,
-                      num_workers=recipe.num_workers, generator=generator, drop_last=len(dataset) > recipe.batch_size,
-                      persistent_workers=recipe.num_workers > 0, pin_memory=_on_gpu(recipe))
+        weights = class_weights_from_targets(targets, num_classes).numpy()[targets]
+    sampler = EpochSampler(len(dataset), seed, weights)
+    # Workers are made anew each epoch (not persistent) so that each starts from the sampler's seeds alone.
+    return DataLoader(dataset, batch_size=recipe.batch_size, sampler=sampler, num_workers=recipe.num_workers,
+                      drop_last=len(dataset) > recipe.batch_size, pin_memory=_on_gpu(recipe))
 
 
 def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def _show_progress(recipe: Recipe) -> bool:
+    return bool(recipe.progress_bar) and sys.stderr.isatty()
+
+
+def _usable_resume_point(stage: StageDir) -> Path | None:
+    """`last.ckpt` if it loads; a damaged one (a kill while it was written) is moved aside with a warning and the stage
+    starts over, which gives the same result because every epoch is seeded by its number."""
+    last = stage.last_checkpoint
+    if not last.is_file():
+        return None
+    try:
+        torch.load(last, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated zip, bad pickle: whatever it is, it cannot be resumed from
+        aside = last.with_name(f"last.ckpt.unreadable-{int(time.time())}")
+        os.replace(last, aside)
+        warnings.warn(f"{last}: unreadable ({type(error).__name__}: {error}); moved to {aside.name}, "
+                      "training this stage again from its first epoch", stacklevel=3)
+        return None
+    return last
+
+
+def _warn_missing_classes(train_targets: np.ndarray, val_targets: np.ndarray, num_classes: int, out_dir: Path) -> None:
+    absent = sorted(set(range(num_classes)) - set(train_targets.tolist()))
+    in_val = sorted(set(val_targets.tolist()) & set(absent))
+    if absent:
+        warnings.warn(f"{out_dir}: class(es) {absent} have no training example"
+                      + (f"; validation holds class(es) {in_val}, which the model cannot learn" if in_val else ""),
+                      UserWarning, stacklevel=3)
+
+
+def _selected_epoch(best_path: Path, history: pd.DataFrame, monitor: str) -> dict:
+    """Epoch and validation metrics of the checkpoint that was selected (not the best of each metric)."""
+    if not best_path.is_file():
+        return {}
+    epoch = int(torch.load(best_path, map_location="cpu", weights_only=False).get("epoch", -1))
+    row = history.loc[history["epoch"] == epoch] if "epoch" in history else history.iloc[0:0]
+    chosen = {"epoch": epoch, "monitor": monitor}
+    if len(row):
+        for key in ("val_loss", "val_acc", "val_auc"):
+            if key in row and pd.notna(row[key].iloc[-1]):
+                chosen[key] = float(row[key].iloc[-1])
+    return chosen
+
+
+def _module(model: nn.Module, train_targets: np.ndarray, recipe: Recipe, num_classes: int) -> ClassificationModule:
+    class_weights = None
+    if recipe.class_balance == "loss_weights":
+        class_weights = class_weights_from_targets(train_targets, num_classes)
+    module = ClassificationModule(model, num_classes, recipe, class_weights)
+    if _on_gpu(recipe) and recipe.channels_last in ("auto", "true", "on"):
+        module.channels_last = True
+        module.model.to(memory_format=torch.channels_last)
+    return module
+
+
+def _trainer(recipe: Recipe, out_dir: Path, seed: int, extra_callbacks: list | None) -> tuple[pl.Trainer, object]:
+    """The Lightning trainer of a stage, and its best-checkpoint callback."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    mode = "min" if recipe.monitor == "val_loss" else "max"
+    best = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best", monitor=recipe.monitor, mode=mode,
+                           save_last=True, save_top_k=1, enable_version_counter=False)
+    callbacks = [best, EarlyStopping(monitor=recipe.monitor, mode=mode, patience=recipe.early_stopping_patience),
+                 _EpochSeeding(seed), *(extra_callbacks or [])]
+    show_progress = _show_progress(recipe)
+    if not show_progress:
+        callbacks.append(_EpochLog("/".join(out_dir.parts[-2:])))
+    loggers = [CSVLogger(out_dir, name="logs")]
+    try:
+        import tensorboard  # noqa: F401  (optional extra)
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(out_dir, name="tensorboard"))
+    except ImportError:
+        pass
+    on_gpu = _on_gpu(recipe)
+    precision = recipe.precision
+    if precision == "auto":
+        precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if on_gpu else "32-true"
+    trainer = pl.Trainer(
+        max_epochs=recipe.epochs, accelerator=recipe.accelerator, devices=recipe.devices,
+        num_nodes=recipe.num_nodes, strategy=recipe.strategy, precision=precision, callbacks=callbacks,
+        logger=loggers, limit_train_batches=recipe.limit_train_batches, enable_progress_bar=show_progress,
+        enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0,
+        deterministic="warn" if on_gpu else True, default_root_dir=out_dir,
+        use_distributed_sampler=False,  # EpochSampler shards by rank itself; validation is not sharded
+    )
+    return trainer, best
+
+
+def _run(trainer: pl.Trainer, module: ClassificationModule, loaders: tuple, stage: StageDir,
+         resumed_from: Path | None) -> None:
+    with warnings.catch_warnings():
+        # Lightning's advice about dataloader workers and small logging intervals is noise at our sizes.
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*number of training batches.*")
+        # Resuming writes into the same checkpoint folder by design.
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+        # Lightning 2.x on torch >= 2.10 calls a deprecated torch pytree API: not ours to fix, repeated every step.
+        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+        try:
+            trainer.fit(module, train_dataloaders=loaders[0], val_dataloaders=loaders[1],
+                        ckpt_path=str(resumed_from) if resumed_from else None)
+        except SystemExit:
+            # Lightning turns Ctrl-C into sys.exit(1) after ignoring further SIGINTs: say what was kept instead.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if trainer.interrupted:
+                last = stage.last_checkpoint
+                raise TrainingInterrupted(stage.path, last if last.is_file() else None) from None
+            raise
 
 
 def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, recipe: Recipe, out_dir: str | Path, *,
@@ -171,71 +365,35 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, recipe: Recipe, 
     """Train `model` on `train_set`, select on `val_set` (carved from training data only), save best/last checkpoints.
 
     A stage that already finished (its `done.json` exists) is not trained again; one that was interrupted resumes from
-    `checkpoints/last.ckpt`. Returns paths and the per-epoch history.
+    `checkpoints/last.ckpt` and ends exactly as an uninterrupted run would. Returns paths and the per-epoch history.
     """
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
-
-    out_dir = Path(out_dir)
-    checkpoint_dir = out_dir / "checkpoints"
-    done = out_dir / DONE_MARKER
-    if resume and done.is_file():
-        info = json.loads(done.read_text())
-        return FitResult(Path(info["best_checkpoint"]), Path(info["last_checkpoint"]), read_history(out_dir),
-                         resumed_from=None, epochs_run=0, world_size=info.get("world_size"))
+    stage = StageDir(Path(out_dir))
+    if resume and stage.is_done():
+        info = stage.done()
+        best = stage.best_checkpoint()  # verified against its recorded checksum
+        return FitResult(best, stage.last_checkpoint, read_history(stage.path), resumed_from=None, epochs_run=0,
+                         world_size=info.get("world_size"), selected=info.get("selected"))
 
     pl.seed_everything(seed, workers=True, verbose=False)
-    on_gpu = _on_gpu(recipe)
-    class_weights = None
-    if recipe.class_balance == "loss_weights":
-        class_weights = class_weights_from_targets(_targets_of(train_set), num_classes)
-    module = _lightning_module_class()(model, num_classes, recipe, class_weights)
-    if on_gpu and recipe.channels_last in ("auto", "true", "on"):
-        module.channels_last = True
-        module.model.to(memory_format=torch.channels_last)
+    train_targets = _targets_of(train_set)
+    _warn_missing_classes(train_targets, _targets_of(val_set), num_classes, stage.path)
+    module = _module(model, train_targets, recipe, num_classes)
+    trainer, best = _trainer(recipe, stage.path, seed, extra_callbacks)
+    resumed_from = _usable_resume_point(stage) if resume else None
+    loaders = (make_train_loader(train_set, recipe, num_classes, seed),
+               make_eval_loader(val_set, recipe.batch_size, recipe.num_workers))
+    _run(trainer, module, loaders, stage, resumed_from)
 
-    mode = "min" if recipe.monitor == "val_loss" else "max"
-    best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=recipe.monitor, mode=mode, save_last=True,
-                           save_top_k=1, enable_version_counter=False)
-    callbacks = [best, EarlyStopping(monitor=recipe.monitor, mode=mode, patience=recipe.early_stopping_patience)]
-    loggers = [CSVLogger(out_dir, name="logs")]
-    try:
-        from lightning.pytorch.loggers import TensorBoardLogger
-        import tensorboard  # noqa: F401  (optional extra)
-
-        loggers.append(TensorBoardLogger(out_dir, name="tensorboard"))
-    except ImportError:
-        pass
-    precision = recipe.precision
-    if precision == "auto":
-        precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if on_gpu else "32-true"
-    with warnings.catch_warnings():
-        # Lightning's advice about dataloader workers and small logging intervals is noise at our sizes.
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*number of training batches.*")
-        # Lightning 2.x on torch >= 2.10 calls a deprecated torch pytree API: not ours to fix, repeated every step.
-        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-        trainer = pl.Trainer(
-            max_epochs=recipe.epochs, accelerator=recipe.accelerator, devices=recipe.devices,
-            num_nodes=recipe.num_nodes, strategy=recipe.strategy, precision=precision,
-            callbacks=callbacks + list(extra_callbacks or []), logger=loggers,
-            limit_train_batches=recipe.limit_train_batches, enable_progress_bar=recipe.progress_bar,
-            enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0,
-            deterministic="warn" if on_gpu else True, default_root_dir=out_dir,
-        )
-        last = checkpoint_dir / "last.ckpt"
-        resumed_from = last if resume and last.is_file() else None
-        trainer.fit(module, train_dataloaders=make_train_loader(train_set, recipe, num_classes, seed),
-                    val_dataloaders=make_eval_loader(val_set, recipe.batch_size, recipe.num_workers),
-                    ckpt_path=str(resumed_from) if resumed_from else None)
-    best_path = Path(best.best_model_path) if best.best_model_path else last
-    result = FitResult(best_path, last, read_history(out_dir), resumed_from, trainer.current_epoch, trainer.world_size)
+    best_path = Path(best.best_model_path) if best.best_model_path else stage.last_checkpoint
+    history = read_history(stage.path)
+    selected = _selected_epoch(best_path, history, recipe.monitor)
     if trainer.is_global_zero:
-        done.write_text(json.dumps({"best_checkpoint": str(best_path), "last_checkpoint": str(last),
-                                    "epochs": trainer.current_epoch, "best_score": _as_float(best.best_model_score),
-                                    "world_size": trainer.world_size}))
-    return result
+        write_json_atomic(stage.done_file, {
+            "best_checkpoint": best_path.name, "best_sha256": sha256_file(best_path), "epochs": trainer.current_epoch,
+            "best_score": _as_float(best.best_model_score), "selected": selected, "world_size": trainer.world_size,
+            "resumed_from": resumed_from.name if resumed_from else None})
+    return FitResult(best_path, stage.last_checkpoint, history, resumed_from, trainer.current_epoch,
+                     trainer.world_size, selected)
 
 
 def _as_float(value) -> float | None:

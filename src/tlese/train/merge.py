@@ -1,135 +1,233 @@
-"""Aggregate the finished folds of a run: leakage checks, metrics, comparison between arms, reports."""
+"""Aggregate the finished folds of a run: checks against the run's records, metrics, comparison between arms, reports.
+
+Before a number is computed, every finished fold is checked: its predictions hold exactly its test patients of the
+run's fold file (each unit once, none missing), its split agrees with the fold file, and all folds of an arm were
+made from the same settings. A fold not finished yet is named in the report, never silently left out.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
-from tlese.train.config import load_experiment
-from tlese.train.cv import PREDICTIONS_BREASTS, PREDICTIONS_IMAGES, assert_no_leakage
+from tlese.train.config import Arm, Experiment, load_experiment
+from tlese.train.cv import assert_no_leakage
 from tlese.train.engine import read_history
+from tlese.train.rundir import ArmDir, FoldDir, RunDir
 
 
-def _arm_predictions(arm_dir: Path, file_name: str) -> pd.DataFrame | None:
+@dataclass
+class ArmResults:
+    """One arm's checked predictions and records."""
+
+    arm: Arm
+    arm_dir: ArmDir
+    predictions: pd.DataFrame  # breasts when the run has them, else images
+    images: pd.DataFrame | None
+    unit: str
+    records: list[dict]
+    missing_folds: list[int] = field(default_factory=list)
+
+
+def _check_fold(fold_dir: FoldDir, frame: pd.DataFrame, fold_patients: set[str], where: Path) -> None:
+    """The fold's predictions are of its own test patients in the run's fold file, all of them, each unit once."""
+    from tlese.evaluate.metrics import check_unique_units, unit_key_columns
+
+    split = fold_dir.split()
+    assert_no_leakage(split, str(fold_dir.path))
+    recorded_test = set(split.loc[split["role"] == "test", "patient_id"])
+    if recorded_test != fold_patients:
+        raise AssertionError(f"{fold_dir.split_file}: its test patients differ from fold {fold_dir.fold} of the run's "
+                             f"fold file ({len(recorded_test ^ fold_patients)} differ)")
+    if set(frame["fold"].astype(int)) != {fold_dir.fold}:
+        raise AssertionError(f"{where}: rows labelled with another fold than {fold_dir.fold}")
+    predicted = set(frame["patient_id"])
+    outside, missing = predicted - fold_patients, fold_patients - predicted
+    if outside:
+        raise AssertionError(f"{where}: predictions for patients outside test fold {fold_dir.fold}, e.g. {sorted(outside)[:3]}")
+    if missing:
+        raise AssertionError(f"{where}: {len(missing)} test patient(s) of fold {fold_dir.fold} have no prediction, e.g. "
+                             f"{sorted(missing)[:3]}")
+    check_unique_units(frame, unit_key_columns(frame), str(where))
+
+
+def _arm_predictions(arm_dir: ArmDir, unit: str, folds: pd.DataFrame) -> pd.DataFrame | None:
+    """The checked predictions of every finished fold of the arm (`unit` "images" or "breasts")."""
+    from tlese.evaluate.metrics import check_unique_units, unit_key_columns
+
     frames = []
-    for fold_dir in sorted(arm_dir.glob("fold_*")):
-        path = fold_dir / file_name
-        if not path.is_file():
+    for fold_dir in arm_dir.predicted_folds():
+        frame = fold_dir.predictions(unit)
+        if frame is None:
             continue
-        split = pd.read_csv(fold_dir / "split.csv", dtype={"patient_id": str})
-        assert_no_leakage(split, str(fold_dir))
-        predictions = pd.read_csv(path, dtype={"patient_id": str})
-        test_patients = set(split.loc[split["role"] == "test", "patient_id"])
-        outside = set(predictions["patient_id"]) - test_patients
-        if outside:
-            raise AssertionError(f"{path}: predictions for patients outside the test fold, e.g. {sorted(outside)[:3]}")
-        frames.append(predictions)
-    return pd.concat(frames, ignore_index=True) if frames else None
+        fold_patients = set(folds.loc[folds["fold"] == fold_dir.fold, "patient_id"])
+        path = fold_dir.image_predictions_file if unit == "images" else fold_dir.breast_predictions_file
+        _check_fold(fold_dir, frame, fold_patients, path)
+        frames.append(frame)
+    if not frames:
+        return None
+    merged = pd.concat(frames, ignore_index=True)
+    check_unique_units(merged, unit_key_columns(merged), f"{arm_dir.path} (all folds)")  # no unit in two folds
+    return merged
 
 
-def _arm_history(arm_dir: Path) -> pd.DataFrame | None:
+def _check_records(arm_dir: ArmDir, records: list[dict]) -> None:
+    """All finished folds of an arm were made from the same settings (the fold number aside)."""
+    made_from = {record.get("made_from") for record in records}
+    if len(made_from) > 1:
+        by_fold = {record["fold"]: record.get("made_from") for record in records}
+        raise AssertionError(f"{arm_dir.path}: its folds were made from different settings ({by_fold}); rerun "
+                             "`tlese cv` for this run, which names what changed, or start a new run")
+
+
+def _arm_history(arm_dir: ArmDir) -> pd.DataFrame | None:
     frames = []
-    for stage_dir in sorted([arm_dir / "stage1_cxr", *arm_dir.glob("fold_*")]):
-        history = read_history(stage_dir)
+    for stage, fold in [(arm_dir.stage1, ""), *((fold_dir, str(fold_dir.fold)) for fold_dir in arm_dir.folds())]:
+        history = read_history(stage.path)
         if len(history):
-            frames.append(history.assign(stage="cxr" if stage_dir.name == "stage1_cxr" else "target",
-                                         fold=stage_dir.name.removeprefix("fold_") if stage_dir.name != "stage1_cxr" else ""))
+            frames.append(history.assign(stage="cxr" if fold == "" else "target", fold=fold))
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def _fold_infos(arm_dir: Path) -> list[dict]:
-    return [json.loads(path.read_text()) for path in sorted(arm_dir.glob("fold_*/fold_info.json"))]
+def collect_arm(run: RunDir, arm: Arm, folds: pd.DataFrame) -> ArmResults | None:
+    """One arm's checked predictions; None when no fold has finished."""
+    arm_dir = run.arm(arm.name)
+    breasts = _arm_predictions(arm_dir, "breasts", folds)
+    images = _arm_predictions(arm_dir, "images", folds)
+    predictions = breasts if breasts is not None else images
+    if predictions is None:
+        return None
+    records = [fold_dir.record() for fold_dir in arm_dir.predicted_folds()]
+    _check_records(arm_dir, records)
+    finished = {record["fold"] for record in records}
+    missing = sorted(int(k) for k in set(folds["fold"]) - finished)
+    return ArmResults(arm, arm_dir, predictions, images if breasts is not None else None,
+                      "breast" if breasts is not None else "image", records, missing)
+
+
+def _selected_stage1(arm_dir: ArmDir) -> str | None:
+    if not arm_dir.stage1_summary_file.is_file():
+        return None
+    summary = json.loads(arm_dir.stage1_summary_file.read_text())
+    chosen = summary.get("selected") or {}
+    if "val_acc" not in chosen:
+        return None
+    return (f"stage 1 (chest X-ray, ImageNet {summary.get('imagenet')}): selected epoch {chosen.get('epoch')} "
+            f"by {chosen.get('monitor', 'val_loss')}, internal validation accuracy {chosen['val_acc']:.3f}")
+
+
+def _arm_notes(results: ArmResults, experiment: Experiment, class_names: list[str], notes: list[str]) -> list[str]:
+    from tlese.evaluate.metrics import METRICS, PRIMARY_METRIC
+    from tlese.evaluate.tables import fold_warnings, summary_table
+
+    predictions = results.predictions
+    arm_notes = [*notes, *fold_warnings(predictions, class_names),
+                 f"unit of analysis: {results.unit} ({len(predictions)} {results.unit}s, "
+                 f"{predictions['patient_id'].nunique()} patients, {predictions['fold'].nunique()} of "
+                 f"{experiment.folds} folds)"]
+    if results.missing_folds:
+        arm_notes.append(f"folds not finished (not in these numbers): {results.missing_folds}")
+    arm_notes += sorted({f"init: {json.dumps(record['init'])}" for record in results.records})
+    stage1 = _selected_stage1(results.arm_dir)
+    if stage1:
+        arm_notes.append(stage1)
+    if results.images is not None:
+        image_summary = summary_table(results.images, class_names, n_boot=0 if experiment.bootstrap == 0 else 200,
+                                      seed=experiment.seed)
+        value = image_summary.set_index("metric").loc[PRIMARY_METRIC, "mean ± std"]
+        arm_notes.append(f"per-image {METRICS[PRIMARY_METRIC].label} (each view alone): {value}")
+    return arm_notes
+
+
+def _overview_row(results: ArmResults, summary: pd.DataFrame) -> dict:
+    from tlese.evaluate.tables import overview_row
+
+    arm = results.arm
+    # What each fold really started from: an arm configured as "double" may have had no ImageNet file.
+    imagenet = ", ".join(sorted({record.get("init", {}).get("imagenet", "unknown") for record in results.records}))
+    return {"arm": arm.name, "model": arm.model, "transfer": arm.transfer, "ImageNet weights": imagenet or "unknown",
+            "unit": results.unit, "folds": int(results.predictions["fold"].nunique()), **overview_row(summary),
+            "train seconds": round(sum(record.get("seconds", 0) for record in results.records), 1)}
+
+
+def _paired_tests(predictions: dict[str, pd.DataFrame], references: list[str], experiment: Experiment,
+                  class_names: list[str]) -> pd.DataFrame | None:
+    """Every arm against each reference (a pair once, against the earlier reference), Holm over pairs per metric."""
+    from tlese.evaluate.tables import comparison_table
+
+    if len(predictions) < 2:
+        return None
+    tables = []
+    for index, reference in enumerate(references):
+        others = {name: frame for name, frame in predictions.items() if name not in references[:index]}
+        if len(others) > 1:
+            tables.append(comparison_table(others, class_names, reference=reference,
+                                           n_boot=max(experiment.bootstrap, 200), seed=experiment.seed))
+    return _holm_over_pairs(pd.concat(tables, ignore_index=True)) if tables else None
 
 
 def merge_run(run_dir: str | Path, references: list[str] | None = None) -> dict[str, Path]:
     """Write `<arm>/report.{html,md}` for each arm with predictions and `report.{html,md}` comparing the arms.
 
-    Paired tests compare every arm with each of `references` (default: the config's first arm); a pair is tested
-    once, against the earlier reference.
+    Paired tests compare every arm with each of `references` (default: the config's first arm with predictions); a
+    pair is tested once, against the earlier reference.
     """
+    from tlese.data.splits import load_folds
     from tlese.data.tasks import get_task
     from tlese.evaluate.report import write_report
-    from tlese.evaluate.tables import comparison_table, fold_warnings, per_fold_table, summary_table
+    from tlese.evaluate.tables import per_fold_table, summary_table
 
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: not a run folder (no resolved config)")
-    experiment = load_experiment(config_path)
-    config = yaml.safe_load(config_path.read_text())
-    environment = json.loads((run_dir / "environment.json").read_text())
-    notes = json.loads((run_dir / "notes.json").read_text()) if (run_dir / "notes.json").is_file() else []
-    data_summary = pd.read_csv(run_dir / "data_summary.csv") if (run_dir / "data_summary.csv").is_file() else None
+    run = RunDir(Path(run_dir))
+    run.require()
+    experiment = load_experiment(run.config_file)
+    config = yaml.safe_load(run.config_file.read_text())
+    environment = json.loads(run.environment_file.read_text()) if run.environment_file.is_file() else {}
+    notes = run.notes()
+    data_summary = pd.read_csv(run.data_summary_file) if run.data_summary_file.is_file() else None
     class_names = list(get_task(experiment.target.task).classes)
+    folds_file = run.folds_file(experiment.seed, experiment.folds)
+    if not folds_file.is_file():
+        raise FileNotFoundError(f"{folds_file}: the run's fold file is missing; predictions cannot be checked")
+    folds = load_folds(folds_file)
 
-    unit_predictions: dict[str, pd.DataFrame] = {}
-    rows = []
-    reports = {}
-    for arm in experiment.arms:
-        arm_dir = run_dir / arm.name
-        breasts = _arm_predictions(arm_dir, PREDICTIONS_BREASTS)
-        images = _arm_predictions(arm_dir, PREDICTIONS_IMAGES)
-        predictions = breasts if breasts is not None else images
-        if predictions is None:
-            continue
-        unit = "breast" if breasts is not None else "image"
-        unit_predictions[arm.name] = predictions
-        summary = summary_table(predictions, class_names, n_boot=experiment.bootstrap, seed=experiment.seed)
-        infos = _fold_infos(arm_dir)
-        arm_notes = [*notes, *fold_warnings(predictions, class_names),
-                     f"unit of analysis: {unit} ({len(predictions)} {unit}s, {predictions['patient_id'].nunique()} patients, "
-                     f"{predictions['fold'].nunique()} of {experiment.folds} folds)"]
-        arm_notes += sorted({f"init: {json.dumps(info['init'])}" for info in infos})
-        if images is not None and breasts is not None:
-            image_summary = summary_table(images, class_names, n_boot=0 if experiment.bootstrap == 0 else 200,
-                                          seed=experiment.seed)
-            image_auc = image_summary.set_index("metric").loc["macro_auc", "mean ± std"]
-            arm_notes.append(f"per-image macro AUC (each view alone): {image_auc}")
-        reports[arm.name] = write_report(
-            arm_dir, title=f"{experiment.name}: {arm.name} ({arm.model}, transfer {arm.transfer})",
-            summary_table=summary, per_fold_table=per_fold_table(predictions, class_names), predictions=predictions,
-            class_names=class_names, history=_arm_history(arm_dir), config=config, environment=environment,
-            data_summary=data_summary, comparison_table=None, notes=arm_notes)
-        metric = summary.set_index("metric")
-        # What each fold really started from: an arm configured as "double" may have had no ImageNet file.
-        imagenet = ", ".join(sorted({info.get("init", {}).get("imagenet", "unknown") for info in infos})) or "unknown"
-        rows.append({"arm": arm.name, "model": arm.model, "transfer": arm.transfer, "ImageNet weights": imagenet,
-                     "unit": unit,
-                     "folds": int(predictions["fold"].nunique()),
-                     "accuracy (mean ± std)": metric.loc["accuracy", "mean ± std"],
-                     "macro AUC (mean ± std)": metric.loc["macro_auc", "mean ± std"],
-                     "balanced accuracy (mean ± std)": metric.loc["balanced_accuracy", "mean ± std"],
-                     "pooled macro AUC (95% CI)": metric.loc["macro_auc", "pooled (95% CI)"],
-                     "train seconds": round(sum(info.get("seconds", 0) for info in infos), 1)})
-    if not unit_predictions:
-        raise FileNotFoundError(f"{run_dir}: no finished fold with predictions yet")
-    overview = pd.DataFrame(rows)
-    overview.to_csv(run_dir / "comparison.csv", index=False)
-    comparison = None
-    references = list(dict.fromkeys(references or [next(iter(unit_predictions))]))  # in order, each once
-    missing = [name for name in references if name not in unit_predictions]
+    collected = {arm.name: found for arm in experiment.arms if (found := collect_arm(run, arm, folds)) is not None}
+    if not collected:
+        raise FileNotFoundError(f"{run.path}: no finished fold with predictions yet")
+    references = list(dict.fromkeys(references or [next(iter(collected))]))  # in order, each once
+    missing = [name for name in references if name not in collected]
     if missing:
-        raise ValueError(f"reference arm(s) {missing} have no predictions in {run_dir}; arms with predictions: "
-                         f"{list(unit_predictions)}")
-    if len(unit_predictions) > 1:
-        tables = []
-        for index, reference in enumerate(references):
-            others = {name: frame for name, frame in unit_predictions.items() if name not in references[:index]}
-            if len(others) > 1:
-                tables.append(comparison_table(others, class_names, reference=reference,
-                                               n_boot=max(experiment.bootstrap, 200), seed=experiment.seed))
-        comparison = _holm_over_pairs(pd.concat(tables, ignore_index=True))
-        comparison.to_csv(run_dir / "paired_tests.csv", index=False)
-    first = next(iter(unit_predictions))
+        raise ValueError(f"reference arm(s) {missing} have no predictions in {run.path}; arms with predictions: "
+                         f"{list(collected)}")
+    rows, reports = [], {}
+    for name, results in collected.items():
+        summary = summary_table(results.predictions, class_names, n_boot=experiment.bootstrap, seed=experiment.seed)
+        arm = results.arm
+        reports[name] = write_report(
+            results.arm_dir.path, title=f"{experiment.name}: {name} ({arm.model}, transfer {arm.transfer})",
+            summary_table=summary, per_fold_table=per_fold_table(results.predictions, class_names),
+            predictions=results.predictions, class_names=class_names, history=_arm_history(results.arm_dir),
+            config=config, environment=environment, data_summary=data_summary, comparison_table=None,
+            notes=_arm_notes(results, experiment, class_names, notes))
+        rows.append(_overview_row(results, summary))
+    overview = pd.DataFrame(rows)
+    overview.to_csv(run.path / "comparison.csv", index=False)
+    comparison = _paired_tests({name: results.predictions for name, results in collected.items()}, references,
+                               experiment, class_names)
+    if comparison is not None:
+        comparison.to_csv(run.path / "paired_tests.csv", index=False)
+    first = next(iter(collected))
     top = write_report(
-        run_dir, title=f"{experiment.name}: {len(unit_predictions)} arm(s), {experiment.folds}-fold patient-level CV",
-        summary_table=overview, per_fold_table=None, predictions=unit_predictions[first], class_names=class_names,
+        run.path, title=f"{experiment.name}: {len(collected)} arm(s), {experiment.folds}-fold patient-level CV",
+        summary_table=overview, per_fold_table=None, predictions=collected[first].predictions, class_names=class_names,
         history=None, config=config, environment=environment, data_summary=data_summary, comparison_table=comparison,
         notes=[*notes, f"ROC and confusion matrix shown for the first arm ({first}); each arm's own report is in its folder",
+               *[f"{name}: folds not finished {results.missing_folds}" for name, results in collected.items()
+                 if results.missing_folds],
                *[f"{name}: {paths['html']}" for name, paths in reports.items()]])
     return {"html": Path(top["html"]), "md": Path(top["md"])}
 

@@ -6,7 +6,7 @@ scratch | imagenet | cxr (random -> CXR -> target) | double (ImageNet -> CXR -> 
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,23 +14,21 @@ from pathlib import Path
 import pandas as pd
 from torch import nn
 
-from tlese.train.config import Arm, Experiment
-from tlese.train.data import PreparedData, make_dataset, prepare
 from tlese.train import engine
+from tlese.train.config import TRANSFER, Arm, Experiment
+from tlese.train.data import PreparedData, make_dataset, prepare
+from tlese.train.rundir import EXECUTION_KEYS, ArmDir, read_json, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
-
-USES_IMAGENET = {"scratch": False, "imagenet": True, "cxr": False, "double": True}
-USES_CXR = {"scratch": False, "imagenet": False, "cxr": True, "double": True}
-
 
 @dataclass
 class InitRecord:
     """What a model started from, for the report: every fallback is written down, never silent."""
 
     imagenet: str  # "loaded" | "not used" | "missing -> scratch"
-    cxr_checkpoint: str | None = None
+    cxr_checkpoint: str | None = None  # relative to the arm folder
     cxr_load_summary: str | None = None
+    cxr_sha256: str | None = None  # checksum of the stage-1 checkpoint the fold started from
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -47,6 +45,28 @@ _WARNED_MISSING: set[str] = set()
 _LOGGED_STAGE1: set[str] = set()
 
 
+def settings(value: dict) -> dict:
+    """A recipe or config section without the keys that only change how a job runs (devices, workers, progress)."""
+    return {key: item for key, item in value.items() if key not in EXECUTION_KEYS}
+
+
+def arm_settings(arm: Arm) -> dict:
+    return {"model": arm.model, "transfer": arm.transfer, "model_options": arm.model_options,
+            "missing_weights": arm.missing_weights}
+
+
+def stage1_made_from(arm: Arm, experiment: Experiment, data: PreparedData) -> dict:
+    """Everything stage 1 of `arm` is computed from (compared before a finished or interrupted stage is reused)."""
+    import tlese
+
+    cxr = experiment.cxr
+    return {"tlese": tlese.__version__, "arm": arm_settings(arm), "seed": experiment.seed,
+            "image_size": experiment.image_size, "in_chans": experiment.in_chans,
+            "data": {"adapter": cxr.adapter, "task": cxr.task, "options": cxr.options, "fingerprint": data.fingerprint(),
+                     "preprocess": data.preprocess},
+            "recipe": settings(dataclasses.asdict(experiment.cxr_recipe))}
+
+
 def model_kwargs(arm: Arm, experiment: Experiment, num_classes: int, views: str) -> dict:
     """`create_model` arguments (besides name and pretrained) of the arm's model: also rebuilds it to load a checkpoint."""
     kwargs = dict(num_classes=num_classes, in_chans=experiment.in_chans, views=views, **arm.model_options)
@@ -55,12 +75,17 @@ def model_kwargs(arm: Arm, experiment: Experiment, num_classes: int, views: str)
     return kwargs
 
 
-def new_model(arm: Arm, experiment: Experiment, num_classes: int, views: str) -> tuple[nn.Module, str]:
-    """Create the arm's model with ImageNet weights when its transfer mode uses them (per the missing-weights policy)."""
+def new_model(arm: Arm, experiment: Experiment, num_classes: int, views: str,
+              imagenet: bool | None = None) -> tuple[nn.Module, str]:
+    """Create the arm's model, with ImageNet weights when its transfer mode uses them (per the missing-weights policy).
+
+    `imagenet` overrides the transfer mode's choice (stage 2 of a CXR arm starts from random weights, then loads
+    stage 1).
+    """
     from tlese.models import create_model
 
     kwargs = model_kwargs(arm, experiment, num_classes, views)
-    if not USES_IMAGENET[arm.transfer]:
+    if not (TRANSFER[arm.transfer].imagenet if imagenet is None else imagenet):
         return create_model(arm.model, pretrained=False, **kwargs), "not used"
     try:
         return create_model(arm.model, pretrained=True, **kwargs), "loaded"
@@ -73,50 +98,87 @@ def new_model(arm: Arm, experiment: Experiment, num_classes: int, views: str) ->
         return create_model(arm.model, pretrained=False, **kwargs), "missing -> scratch"
 
 
-def run_cxr_stage(arm: Arm, experiment: Experiment, arm_dir: Path, resume: bool = True) -> tuple[Path, dict]:
-    """Stage 1: fine-tune the arm's model on chest X-rays; returns the best checkpoint and a summary."""
-    stage_dir = arm_dir / "stage1_cxr"
-    data = prepare(experiment.cxr, experiment)
-    train_table, val_table = data.internal_split(experiment.cxr_recipe.val_fraction, experiment.seed)
-    seed_everything(experiment.seed)
-    model, imagenet = new_model(arm, experiment, data.num_classes, views="single")
-    recipe = experiment.cxr_recipe
-    result = engine.fit(model, make_dataset(train_table, "single", data.task.modality, train=True, recipe=recipe, seed=experiment.seed),
-                        make_dataset(val_table, "single", data.task.modality, train=False, recipe=recipe),
-                        recipe, stage_dir, num_classes=data.num_classes, seed=experiment.seed, resume=resume)
-    history = result.history
-    summary = {"imagenet": imagenet, "classes": list(data.task.classes), "train_images": len(train_table),
-               "val_images": len(val_table), "best_checkpoint": str(result.best_checkpoint),
-               "best_val_acc": float(history["val_acc"].max()) if "val_acc" in history and len(history) else None,
-               "epochs": int(len(history))}
-    (stage_dir / "stage_summary.json").write_text(json.dumps(summary, indent=2))
+def run_cxr_stage(arm: Arm, experiment: Experiment, arm_dir: ArmDir, resume: bool = True,
+                  force: bool = False, data: PreparedData | None = None) -> tuple[Path, dict]:
+    """Stage 1: fine-tune the arm's model on chest X-rays; returns the selected checkpoint and the stage's summary.
+
+    The stage is trained once per arm: concurrent fold jobs wait on its lock and reuse it. Its summary (ImageNet
+    loaded or not, the selected epoch's validation metrics, the checkpoint's checksum) is written when it trains and
+    only read afterwards, so a later job on another machine cannot rewrite what stage 1 started from.
+    """
+    stage = arm_dir.stage1
+    data = data or prepare(experiment.cxr, experiment)
+    made_from = stage1_made_from(arm, experiment, data)
+    with stage.lock():
+        stage.claim(made_from, force=force)
+        if stage.is_done() and arm_dir.stage1_summary_file.is_file():
+            summary = read_json(arm_dir.stage1_summary_file)
+            checkpoint = stage.best_checkpoint()
+            if summary.get("best_sha256") != sha256_file(checkpoint):
+                raise ValueError(f"{checkpoint}: not the checkpoint {arm_dir.stage1_summary_file} records; delete "
+                                 f"{stage.path} to retrain stage 1")
+        else:
+            summary = _train_cxr_stage(arm, experiment, data, arm_dir, resume)
+            checkpoint = stage.best_checkpoint()
     if arm.name not in _LOGGED_STAGE1:  # each fold asks for the stage-1 checkpoint; it is trained once
         _LOGGED_STAGE1.add(arm.name)
-        log.info("%s stage 1 (chest X-ray, ImageNet %s): %d epochs, best internal validation accuracy %s", arm.name,
-                 imagenet, summary["epochs"],
-                 "n/a" if summary["best_val_acc"] is None else f"{summary['best_val_acc']:.3f}")
-    return result.best_checkpoint, summary
+        chosen = summary.get("selected") or {}
+        log.info("%s stage 1 (chest X-ray, ImageNet %s): %d epochs; selected epoch %s, internal validation accuracy %s",
+                 arm.name, summary["imagenet"], summary["epochs"], chosen.get("epoch", "n/a"),
+                 f"{chosen['val_acc']:.3f}" if "val_acc" in chosen else "n/a")
+    return checkpoint, summary
 
 
-def initial_model(arm: Arm, experiment: Experiment, num_classes: int, arm_dir: Path, seed: int,
-                  resume: bool = True) -> tuple[nn.Module, InitRecord]:
+def _train_cxr_stage(arm: Arm, experiment: Experiment, data: PreparedData, arm_dir: ArmDir, resume: bool) -> dict:
+    stage = arm_dir.stage1
+    recipe = experiment.cxr_recipe
+    train_table, val_table = data.internal_split(recipe.val_fraction, experiment.seed)
+    seed_everything(experiment.seed)
+    model, imagenet = new_model(arm, experiment, data.num_classes, views="single")
+    # The start is recorded once, by the first attempt: a resumed attempt on another machine keeps that record.
+    start_file = stage.start_file
+    if start_file.is_file():
+        recorded = read_json(start_file)["imagenet"]
+        if recorded != imagenet and not stage.last_checkpoint.is_file():
+            raise RuntimeError(f"{stage.path}: stage 1 started with ImageNet {recorded!r}, but on this machine it would "
+                               f"be {imagenet!r}; resume it where the weights are, or delete the folder")
+        imagenet = recorded
+    else:
+        write_json_atomic(start_file, {"imagenet": imagenet})
+    result = engine.fit(model, make_dataset(train_table, "single", data.task.modality, train=True, recipe=recipe,
+                                            seed=experiment.seed),
+                        make_dataset(val_table, "single", data.task.modality, train=False, recipe=recipe),
+                        recipe, stage.path, num_classes=data.num_classes, seed=experiment.seed, resume=resume)
+    summary = {"imagenet": imagenet, "classes": list(data.task.classes), "train_images": len(train_table),
+               "val_images": len(val_table), "train_patients": int(train_table["patient_id"].nunique()),
+               "val_patients": int(val_table["patient_id"].nunique()),
+               "best_checkpoint": result.best_checkpoint.name, "best_sha256": sha256_file(result.best_checkpoint),
+               "selected": result.selected or {}, "epochs": int(len(result.history)), "world_size": result.world_size}
+    write_json_atomic(arm_dir.stage1_summary_file, summary)
+    return summary
+
+
+def initial_model(arm: Arm, experiment: Experiment, num_classes: int, arm_dir: ArmDir, seed: int,
+                  resume: bool = True, force: bool = False,
+                  cxr_data: PreparedData | None = None) -> tuple[nn.Module, InitRecord]:
     """The model that stage 2 starts from, with the partial-load report of the CXR backbone when one is used."""
     from tlese.models.weights import load_partial
 
     views = experiment.views
-    if not USES_CXR[arm.transfer]:
+    if not TRANSFER[arm.transfer].cxr:
         seed_everything(seed)
         model, imagenet = new_model(arm, experiment, num_classes, views)
         return model, InitRecord(imagenet=imagenet)
-    checkpoint, summary = run_cxr_stage(arm, experiment, arm_dir, resume=resume)
+    checkpoint, summary = run_cxr_stage(arm, experiment, arm_dir, resume=resume, force=force, data=cxr_data)
     seed_everything(seed)  # the same initial head whether stage 1 ran now or earlier
-    model, _ = new_model(Arm(**{**arm.__dict__, "transfer": "scratch"}), experiment, num_classes, views)
+    model, _ = new_model(arm, experiment, num_classes, views, imagenet=False)
     # The CXR head is dropped: class sets differ. Every backbone tensor must arrive, or the chain is broken.
     report = load_partial(model, checkpoint, exclude_prefixes=("head.",), strip_prefix="model.")
     log.info("arm %s: %s", arm.name, report.summary())
     if not report.loaded:
         raise RuntimeError(f"{checkpoint}: no backbone tensor matched the stage-2 model ({report.summary()})")
-    return model, InitRecord(imagenet=summary["imagenet"], cxr_checkpoint=str(checkpoint), cxr_load_summary=report.summary())
+    return model, InitRecord(imagenet=summary["imagenet"], cxr_checkpoint=checkpoint.relative_to(arm_dir.path).as_posix(),
+                             cxr_load_summary=report.summary(), cxr_sha256=summary["best_sha256"])
 
 
 def fold_tables(data: PreparedData, folds: pd.DataFrame, fold: int, val_fraction: float, seed: int):

@@ -2,15 +2,18 @@
 
 A table has one row per image with at least `patient_id, side, view, path, label, dataset, modality`
 (see `_common.TABLE_COLUMNS`) plus the dataset's own label columns. `side` is "L"/"R" and `view` "CC"/"MLO"
-for mammograms; chest X-rays have `side == view == ""`. `path` is an absolute path string.
+for mammograms; chest X-rays have `side == view == ""`. `path` is an absolute path string; `image_id` names the
+image without it (the adapter's own ID, or the path relative to the dataset root). `table.attrs["skipped"]` lists
+the (path relative to the root, reason) of every file or label row an adapter left out (`_common.format_skipped`
+words it for a report).
 
     table = get_adapter("cmmd")(root)            # or load_dataset("cmmd", root)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
