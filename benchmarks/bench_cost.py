@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (RESULTS, build, command_line, header, machine, now, publish,  # noqa: E402
-                          saved_activation_bytes)
+from bench_common import RESULTS, build, command_line, header, machine, now, publish, saved_activation_bytes  # noqa: E402
 
 BYTES_PER_PARAM_TRAIN = 16  # fp32 weight + grad + AdamW exp_avg + exp_avg_sq
 TRAIN_BATCH = 16

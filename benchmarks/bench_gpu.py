@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (RESULTS, build, command_line, header, machine, now, publish,  # noqa: E402
-                          speed_table, summarise)
+from bench_common import RESULTS, build, command_line, header, machine, now, publish, speed_table, summarise  # noqa: E402
 
 MODELS = ("tlese_mbv2", "tlese_lite0", "mbv2_plain", "lite0_plain", "mobilenet_v2", "resnet50", "densenet121")
 

@@ -19,22 +19,23 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import REPO, RESULTS, command_line, machine as machine_with  # noqa: E402
+from bench_common import REPO, RESULTS, command_line  # noqa: E402
+from bench_common import machine as machine_with  # noqa: E402
 
 MIAS_DIR = REPO.parent / "shared" / "data" / "mini-mias"
 PACKAGES = ("numpy", "torch", "pydicom", "pillow", "scipy", "pylibjpeg-rle")
+GOAL_PER_CORE = 20  # full-field mammograms per second per core, cache-miss DICOM -> model input (issue 3)
 
 
 def machine() -> dict:
     """The shared machine record, with the versions that matter for preparation."""
     return machine_with(PACKAGES)
-GOAL_PER_CORE = 20  # full-field mammograms per second per core, cache-miss DICOM -> model input (issue 3)
 
 
 def cbis_dicoms() -> list[Path]:
@@ -77,28 +78,24 @@ def _decompressed(files: list[Path], folder: Path) -> list[Path]:
 def _breakdown(files: list[Path], size: int, sides: list[str | None], passes: int = 2) -> dict:
     """Milliseconds per stage (median and min over files x passes), one process with one torch thread.
 
-    The min is the least disturbed by other load on the machine; 1000 / (sum of the stage minima) is the best-case
-    images per second of one core.
+    Each file goes through `prepare_file` (the cache worker's own "file -> model input"), which times its read and
+    preprocessing, then `write_png16`. The min is the least disturbed by other load on the machine; 1000 / (sum of
+    the stage minima) is the best-case images per second of one core.
     """
-    from tlese.data.cache import _single_torch_thread, write_png16
-    from tlese.data.io import read_image
-    from tlese.data.preprocess import PreprocessParams, preprocess_with_info
+    from tlese.data.cache import single_torch_thread, write_png16
+    from tlese.data.preprocess import PreprocessParams, prepare_file
 
-    params = PreprocessParams(size=size)
+    params = PreprocessParams.build(size)
     stages: dict[str, list[float]] = {"read_decode": [], "preprocess": [], "write_png": []}
-    with tempfile.TemporaryDirectory() as scratch, _single_torch_thread():  # as in a worker
+    with tempfile.TemporaryDirectory() as scratch, single_torch_thread():  # as in a worker
         for _ in range(passes):
             for index, (path, side) in enumerate(zip(files, sides)):
+                image, info = prepare_file(path, side, None, params)
                 start = time.perf_counter()
-                pixels, header = read_image(path)
-                decoded = time.perf_counter()
-                image, _ = preprocess_with_info(pixels, side or header.side, params)
-                processed = time.perf_counter()
                 write_png16(image, Path(scratch) / f"{index}.png")
-                written = time.perf_counter()
-                stages["read_decode"].append(decoded - start)
-                stages["preprocess"].append(processed - decoded)
-                stages["write_png"].append(written - processed)
+                stages["write_png"].append(time.perf_counter() - start)
+                stages["read_decode"].append(info["seconds"]["read"])
+                stages["preprocess"].append(info["seconds"]["preprocess"])
     result = {name: round(1000 * statistics.median(values), 1) for name, values in stages.items()}
     result.update({f"{name}_min": round(1000 * min(values), 1) for name, values in stages.items()})
     result["best_case_images_per_s_per_core"] = round(1000 / sum(1000 * min(v) for v in stages.values()), 1)
@@ -106,17 +103,14 @@ def _breakdown(files: list[Path], size: int, sides: list[str | None], passes: in
 
 
 def pool_startup_seconds(workers: int) -> float:
-    """Seconds to spawn `workers` processes with prepare's initializer (imports torch) and get one answer each."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from tlese.data.cache import _init_worker
+    """Seconds to start prepare's own worker pool (`worker_pool`: spawn + torch import) and get one answer from
+    each worker."""
+    from tlese.data.cache import worker_pool
 
     if workers <= 1:
         return 0.0
     start = time.perf_counter()
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+    with worker_pool(workers) as pool:
         list(pool.map(_noop_sleep, range(workers)))
     return time.perf_counter() - start
 
@@ -130,7 +124,7 @@ def _throughput(table: pd.DataFrame, size: int, workers: int, cache: Path, start
     from tlese.data.cache import prepare_table
     from tlese.data.preprocess import PreprocessParams
 
-    params = PreprocessParams(size=size)
+    params = PreprocessParams.build(size)
     _, miss = prepare_table(table, params, cache, workers=workers, progress=False)
     _, hit = prepare_table(table, params, cache, workers=workers, progress=False)
     if miss.skipped:
@@ -259,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     for workers in args.workers:
         info = machine()  # load average just before each run
         results = run(args.repeat, workers, args.size, args.mias_limit)
-        results.update(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=info,
+        results.update(date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), machine=info,
                        command=command)
         runs.append(results)
         texts.append(to_markdown(results, command))

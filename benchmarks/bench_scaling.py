@@ -18,8 +18,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (RESULTS, build, command_line, header, interleaved, machine, now,  # noqa: E402
-                          saved_activation_bytes, summarise)
+from bench_common import (  # noqa: E402
+    RESULTS,
+    build,
+    command_line,
+    header,
+    interleaved,
+    machine,
+    now,
+    saved_activation_bytes,
+    summarise,
+)
 
 MODELS = ("tlese_mbv2", "tlese_lite0", "resnet50", "densenet121")
 SIZES = (224, 384, 512, 768)
@@ -44,7 +53,7 @@ def run(models: Sequence[str] = MODELS, sizes: Sequence[int] = SIZES, reps: int 
             model.eval()
         x = torch.rand(1, 1, size, size)
 
-        def step(model):
+        def step(model, x=x):
             def call():
                 with torch.inference_mode():
                     model(x)

@@ -26,10 +26,21 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (RESULTS, build, command_line, header, interleaved, machine, now,  # noqa: E402
-                          publish, speed_table, summarise)
+from bench_common import (  # noqa: E402
+    RESULTS,
+    build,
+    command_line,
+    header,
+    interleaved,
+    machine,
+    now,
+    publish,
+    speed_table,
+    summarise,
+)
 
-MODELS = ("tlese_mbv2", "tlese_lite0", "mbv2_plain", "lite0_plain", "resnet50", "densenet121")  # mobilenet_v2 = mbv2_plain's architecture
+# mobilenet_v2 is mbv2_plain's architecture
+MODELS = ("tlese_mbv2", "tlese_lite0", "mbv2_plain", "lite0_plain", "resnet50", "densenet121")
 TLESE = ("tlese_mbv2", "tlese_lite0")
 LARGE_TRAIN_MODELS = ("tlese_mbv2", "tlese_lite0", "resnet50", "densenet121")
 GOALS = {"inference": {"resnet50": 4.0, "densenet121": 2.5}, "training": {"resnet50": 2.5, "densenet121": 2.0}}
@@ -155,7 +166,8 @@ def run(
     """infer: "BATCH:LAYOUT" entries (layout nchw or channels_last). Inference at batch > 1 and training at sizes
     >= 384 use `train_large_models` (None: all `models`) to keep the run short; training at sizes >= 384 uses batch
     `train_large_batch` (DenseNet-121 at 512 x 16 needs > 12 GB of activations, more than this shared machine has
-    free). `on_section(results)` is called after each section (partial results survive a killed run). Warm-up: 2 calls for batch-1 inference (cheap),
+    free). `on_section(results)` is called after each section (partial results survive a killed run).
+    Warm-up: 2 calls for batch-1 inference (cheap),
     1 otherwise (first call builds the oneDNN kernels and AdamW's state)."""
     results: dict = {"models": list(models), "inference": {}, "training": {}, "protocol": {
         "infer_reps": infer_reps, "train_reps": train_reps, "train_iters": train_iters, "warmup": "2 (batch-1 "
@@ -213,7 +225,8 @@ def to_markdown(results: dict) -> str:
     lines = header("CPU speed: inference and training throughput", results)
     lines += [
         f"Every model in one process, interleaved round-robin; inference {proto['infer_reps']} repetitions, training "
-        f"{proto['train_reps']} repetitions of {proto['train_iters']} step(s), warm-up calls per model: {proto['warmup']} "
+        f"{proto['train_reps']} repetitions of {proto['train_iters']} step(s), warm-up calls per model: "
+        f"{proto['warmup']} "
         f"(the first call of a new shape builds oneDNN kernels). {proto['threads']} torch thread(s): see README "
         "(with 2 threads on this shared 2-core machine OpenMP barriers stall under the other jobs' load, 2-6x "
         "slower and hitting small-op networks hardest). "

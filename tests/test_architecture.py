@@ -49,3 +49,16 @@ def test_the_run_folder_layout_is_spelled_in_one_module():
         text = path.read_text()
         offending += [f"{path.relative_to(SRC)}: {literal}" for literal in literals if literal in text]
     assert not offending, offending
+
+
+def test_a_new_dataset_is_one_new_file(tmp_path, monkeypatch):
+    """Every module of the datasets package registers itself: nothing else needs editing."""
+    import tlese.data.datasets as datasets
+
+    (tmp_path / "inhouse_fixture.py").write_text(
+        "from tlese.data.datasets import register_adapter\n\n"
+        "@register_adapter('inhouse_fixture')\ndef load(root):\n    return None\n")
+    monkeypatch.setattr(datasets, "__path__", [*datasets.__path__, str(tmp_path)])
+    monkeypatch.setattr(datasets, "_ADAPTERS", dict(datasets._ADAPTERS))
+    datasets._register_all()
+    assert "inhouse_fixture" in datasets.list_adapters()

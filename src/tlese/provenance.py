@@ -6,7 +6,7 @@ import os
 import platform
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -42,7 +42,7 @@ def environment_info(repo_dir=None) -> dict:
     commit = _git(["rev-parse", "HEAD"], repo_dir)
     status = _git(["status", "--porcelain", "--untracked-files=no"], repo_dir) if commit else None
     info = {
-        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "python": sys.version.split()[0],
         "tlese": _package_version("tlese"),
         "torch": _package_version("torch"),

@@ -12,9 +12,9 @@ from PIL import Image
 from pydicom.uid import RLELossless
 
 from tlese.data.cache import PrepareSummary, prepare_table, read_png16
-from tlese.data.preprocess import PreprocessParams, preprocess_file
+from tlese.data.preprocess import PreprocessParams, prepare_file
 
-PARAMS = PreprocessParams(size=64)
+PARAMS = PreprocessParams.build(64)
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_prepare_writes_16_bit_pngs_and_reuses_them(tmp_path, good_files):
         assert os.path.dirname(row.prepared_path) == str(folder)
         with Image.open(row.prepared_path) as image:
             assert image.mode.startswith("I;16") and image.size == (64, 64)
-        expected = preprocess_file(row.path, row.side, PARAMS, expected_view=row.view)
+        expected, _ = prepare_file(row.path, row.side, row.view, PARAMS)  # the worker's own path
         np.testing.assert_allclose(read_png16(row.prepared_path), expected, atol=1.0 / 65535)
 
     again, second = prepare_table(good_files, PARAMS, cache, workers=1, progress=False)
@@ -75,7 +75,7 @@ def test_changed_source_or_params_are_prepared_again(tmp_path, good_files):
     os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file was replaced
     _, summary = prepare_table(good_files, PARAMS, cache, workers=1, progress=False)
     assert (summary.prepared, summary.cached) == (1, 2)
-    _, other = prepare_table(good_files, PreprocessParams(size=32), cache, workers=1, progress=False)
+    _, other = prepare_table(good_files, PreprocessParams.build(32), cache, workers=1, progress=False)
     assert other.prepared == 3 and other.cache_dir != summary.cache_dir
 
 
@@ -132,7 +132,23 @@ def test_prepare_command(tmp_path, good_files, monkeypatch, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "images: 3  prepared: 3  cached: 0  skipped: 0" in out
-    assert (tmp_path / "c" / PreprocessParams(size=48).fingerprint() / "manifest.csv").is_file()
+    assert (tmp_path / "c" / PreprocessParams.build(48).fingerprint() / "manifest.csv").is_file()
+
+
+def test_prepare_command_param_overrides_go_through_build(tmp_path, good_files, monkeypatch, capsys):
+    import tlese.data.datasets as datasets
+    from tlese.cli import main
+
+    monkeypatch.setattr(datasets, "get_adapter", lambda name: (lambda root: good_files))
+    command = ["prepare", "--dataset", "fake", "--root", str(tmp_path), "--out", str(tmp_path / "c"), "--size", "48",
+               "--workers", "1", "--no-progress"]
+    assert main([*command, "--param", "crop=false", "--param", "low_pct=1"]) == 0
+    expected = PreprocessParams.build(48, "mammo", {"crop": False, "low_pct": 1.0})
+    assert (tmp_path / "c" / expected.fingerprint() / "manifest.csv").is_file()
+    assert main([*command, "--param", "colour=true"]) == 2
+    assert "unknown preprocessing parameter(s) ['colour']; valid: ['crop', 'orient'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*command, "--param", "crop"])  # not KEY=VALUE: argparse's own error
 
 
 def test_summary_text():

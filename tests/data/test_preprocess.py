@@ -9,8 +9,16 @@ from PIL import Image
 
 from tlese.data.io import ImageReadError, read_image
 from tlese.data.preprocess import (
+    PREPROCESS_OVERRIDES,
     PREPROCESS_VERSION,
+    CropToBreast,
+    FindBreast,
+    NormaliseIntensity,
+    OrientToCommonSide,
+    Pad,
     PreprocessParams,
+    Resize,
+    Sample,
     UnusableImageError,
     breast_box,
     breast_mask,
@@ -18,10 +26,12 @@ from tlese.data.preprocess import (
     infer_side,
     normalise_intensity,
     orient_to_common_side,
-    preprocess_file,
+    prepare_file,
     preprocess_image,
+    preprocess_steps,
     preprocess_with_info,
     resize_keep_aspect_pad,
+    run_steps,
 )
 from tlese.vocab import COMMON_SIDE, Side
 
@@ -65,6 +75,29 @@ def test_params_validation(bad):
 def test_params_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown preprocessing parameter.*'colour'.*valid"):
         PreprocessParams.from_dict({"size": 64, "colour": True})
+
+
+def test_build_is_the_one_rule_for_parameters():
+    assert PreprocessParams.build(256) == PreprocessParams(size=256)
+    assert set(PREPROCESS_OVERRIDES) == set(PreprocessParams.build(64).to_dict()) - {"size", "modality"}
+    typed = PreprocessParams.build(64, "cxr", {"crop": False, "low_pct": 1, "high_pct": 99.0})
+    text = PreprocessParams.build(64, "cxr", {"crop": "no", "low_pct": "1", "high_pct": " 99 "})  # --param values
+    assert typed == text == PreprocessParams(size=64, modality="cxr", crop=False, low_pct=1.0, high_pct=99.0)
+    assert PreprocessParams.build(64, overrides={"orient": "TRUE", "mask_background": 0}).mask_background is False
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"colour": True}, r"unknown preprocessing parameter\(s\) \['colour'\]; valid: \['crop', 'orient', "
+                       r"'keep_aspect', 'low_pct', 'high_pct', 'mask_background'\]"),
+    ({"size": 128}, r"\['size'\] \(size are set by their own argument, not as overrides\)"),
+    ({"crop": "maybe"}, r"crop: expected true or false, got 'maybe'"),
+    ({"low_pct": "low"}, r"low_pct: expected a number, got 'low'"),
+    ({"low_pct": True}, r"low_pct: expected a number, got True"),
+    ({"low_pct": 90, "high_pct": 10}, r"need 0 <= low_pct < high_pct <= 100"),
+])
+def test_build_rejects_bad_overrides_naming_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        PreprocessParams.build(64, "mammo", overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,15 +237,87 @@ def test_cxr_path_neither_crops_nor_flips():
     assert out[:, 40:44].mean() > 0.9 and out[:, 6:30].max() == 0.0  # 80 wide -> 40 wide, centred at 5..45
 
 
-def test_preprocess_file_checks_laterality(tmp_path):
+def test_prepare_file_checks_laterality_and_view(tmp_path):
     path = write_dicom(tmp_path / "r.dcm", synthetic_breast(side="R").astype(np.uint16), image_laterality="R",
                        view_position="CC")
-    out = preprocess_file(path, None, PreprocessParams(size=64))  # side from the file
+    params = PreprocessParams.build(64)
+    out, info = prepare_file(path, None, None, params)  # side from the file
     assert _faces_common_side(out > 0.05)
+    assert info["flipped"] and info["header"].side == "R" and set(info["seconds"]) == {"read", "preprocess"}
+    np.testing.assert_array_equal(out, preprocess_image(read_image(path)[0], "R", params))  # the same composition
+    np.testing.assert_array_equal(prepare_file(path, Side.R, "cc", params)[0], out)
     with pytest.raises(ImageReadError, match=r"r\.dcm: laterality conflict"):
-        preprocess_file(path, "L", PreprocessParams(size=64))
+        prepare_file(path, "L", None, params)
     with pytest.raises(ImageReadError, match=r"r\.dcm: view conflict"):
-        preprocess_file(path, "R", PreprocessParams(size=64), expected_view="MLO")
+        prepare_file(path, "R", "MLO", params)
+    with pytest.raises(ValueError, match="side must be L, R or missing"):
+        prepare_file(path, "up", None, params)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The composition is made of the steps
+
+
+def _names(params: PreprocessParams) -> list[str]:
+    return [type(step).__name__ for step in preprocess_steps(params)]
+
+
+def test_the_composition_lists_its_steps_in_order():
+    assert _names(PreprocessParams.build(64)) == [
+        "CheckUsable", "FindBreast", "CheckBreastFound", "CropToBreast", "Resize", "GrowMask", "NormaliseIntensity",
+        "ZeroBackground", "OrientToCommonSide", "Pad"]
+    assert _names(PreprocessParams.build(64, overrides={"crop": False, "orient": False, "mask_background": False})) \
+        == ["CheckUsable", "FindBreast", "CheckBreastFound", "Resize", "NormaliseIntensity", "Pad"]
+    assert _names(PreprocessParams.build(64, "cxr")) == [
+        "CheckUsable", "CheckContrast", "Resize", "NormaliseIntensity", "Pad"]
+    assert repr(preprocess_steps(PreprocessParams.build(64))[-1]) == "Pad(size=64, anchor='left')"
+
+
+def test_preprocess_with_info_is_exactly_its_steps():
+    image = synthetic_breast(side="R", background=600.0, seed=4)
+    params = PreprocessParams.build(80)
+    out, info = preprocess_with_info(image, "R", params)
+    sample = Sample.of(image, "R")
+    for step in preprocess_steps(params):
+        sample = step(sample)
+    np.testing.assert_array_equal(out, sample.pixels)
+    assert info == sample.info() and info["flipped"] and info["crop_box"] == breast_box(image)
+
+
+def test_the_array_functions_are_the_steps():
+    image = synthetic_breast(side="R", seed=6)
+    found = FindBreast()(Sample(image))
+    np.testing.assert_array_equal(crop_to_breast(image), CropToBreast()(found).pixels)
+    np.testing.assert_array_equal(orient_to_common_side(image, None), OrientToCommonSide()(found).pixels)
+    assert found.facing == infer_side(breast_mask(image)) == "R"
+    np.testing.assert_array_equal(resize_keep_aspect_pad(image, 50, "left"),
+                                  run_steps((Resize(50), Pad(50, "left")), Sample(image)).pixels)
+
+
+def test_steps_check_their_arguments_and_their_order():
+    with pytest.raises(ValueError, match="anchor must be 'center' or 'left'"):
+        Pad(64, "right")
+    with pytest.raises(ValueError, match="size must be a positive integer"):
+        Resize(0)
+    with pytest.raises(ValueError, match="need 0 <= low_pct < high_pct <= 100"):
+        NormaliseIntensity(50.0, 20.0)
+    with pytest.raises(ValueError, match="expected a 2-D pixel array"):
+        Sample(np.zeros((2, 3, 4), np.float32))
+    image = synthetic_breast()
+    with pytest.raises(ValueError, match="CropToBreast needs the breast mask: run FindBreast before it"):
+        CropToBreast()(Sample(image))
+    with pytest.raises(ValueError, match="OrientToCommonSide needs a side or the breast mask"):
+        OrientToCommonSide()(Sample(image))
+    with pytest.raises(ValueError, match="Pad to 32: the image is larger"):
+        Pad(32)(Sample(image))
+    large = synthetic_breast(height=1200, width=800)  # its mask is found at a third of its resolution
+    with pytest.raises(ValueError, match="needs the mask at the image's resolution: run Resize before it"):
+        NormaliseIntensity()(FindBreast()(Sample(large)))
+    with pytest.raises(ValueError, match="CropToBreast works on the input's pixels: run it before Resize"):
+        CropToBreast()(Resize(64)(FindBreast()(Sample(large))))
+    original = image.copy()
+    run_steps(preprocess_steps(PreprocessParams.build(64)), Sample.of(image, "L"))
+    np.testing.assert_array_equal(image, original)  # no step modifies its input
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,4 +435,4 @@ def test_prepare_skips_unusable_images_with_their_reason_and_prepares_the_rest(t
                      "depth is wrong"),
     ]
     with pytest.raises(ImageReadError, match=r"blank\.png: constant image"):
-        preprocess_file(tmp_path / "blank.png", "L", PreprocessParams(size=32))
+        prepare_file(tmp_path / "blank.png", "L", None, PreprocessParams.build(32))

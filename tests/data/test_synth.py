@@ -13,8 +13,9 @@ import pytest
 
 from tlese.data.datasets import load_dataset
 from tlese.data.io import read_image
-from tlese.data.synth import ATYPICAL_FRACTION, LESION_PARAMS, SUBTYPES, _draw_lesion, synthesize
+from tlese.data.synth import ATYPICAL_FRACTION, LESION_PARAMS, _draw_lesion, synthesize
 from tlese.data.tasks import get_task
+from tlese.vocab import CMMD_SUBTYPES as SUBTYPES
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tlese.train.config import ConfigError, load_experiment, parse_overrides
 from tlese.train.commands import demo_config_path
+from tlese.train.config import ConfigError, load_experiment, parse_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -20,8 +20,8 @@ from tlese.data.splits import load_folds
 from tlese.data.synth import synthesize
 from tlese.train.config import load_experiment
 from tlese.train.cv import run_cv
-from tlese.train.rundir import PREDICTIONS_BREASTS, PREDICTIONS_IMAGES
 from tlese.train.merge import merge_run
+from tlese.train.rundir import PREDICTIONS_BREASTS, PREDICTIONS_IMAGES
 
 pytestmark = pytest.mark.slow
 
@@ -141,8 +141,9 @@ def test_a_fold_without_a_class_warns_and_still_reports(full_run, synth, tmp_pat
     folds.loc[folds["patient_id"].isin(tn_patients), "fold"] = 0
     folds_file = tmp_path / "folds.csv"
     folds.to_csv(folds_file, index=False)
-    experiment = load_experiment(write_config(tmp_path / "exp.yaml", synth, tmp_path / "runs", folds_file=str(folds_file),
-                                              arms=[{"name": "plain_scratch", "model": "lite0_plain", "transfer": "scratch"}]))
+    arms = [{"name": "plain_scratch", "model": "lite0_plain", "transfer": "scratch"}]
+    experiment = load_experiment(write_config(tmp_path / "exp.yaml", synth, tmp_path / "runs",
+                                              folds_file=str(folds_file), arms=arms))
     with pytest.warns(UserWarning):
         run_dir = run_cv(experiment, fold=1)
     report = merge_run(run_dir)["md"].read_text()

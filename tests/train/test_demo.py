@@ -12,7 +12,8 @@ from tlese.cli import main
 from tlese.data.synth import SYNTH_VERSION, synthesize
 from tlese.train.commands import DEMO_PATIENTS, demo_config_path
 from tlese.train.config import load_experiment
-from tlese.train.cv import PREDICTIONS_BREASTS, run_cv
+from tlese.train.cv import run_cv
+from tlese.train.rundir import PREDICTIONS_BREASTS
 
 
 def test_demo_refuses_data_made_with_another_patient_count(tmp_path, capsys):
@@ -21,7 +22,8 @@ def test_demo_refuses_data_made_with_another_patient_count(tmp_path, capsys):
     (data_dir / "synth_info.json").write_text(json.dumps({"n_patients": 12, "version": SYNTH_VERSION}))
     assert main(["demo", "--out", str(tmp_path), "--patients", str(DEMO_PATIENTS)]) == 2
     error = capsys.readouterr().err
-    assert "synth_info.json" in error and f"12 patients from generator version {SYNTH_VERSION}, not {DEMO_PATIENTS}" in error
+    assert "synth_info.json" in error
+    assert f"12 patients from generator version {SYNTH_VERSION}, not {DEMO_PATIENTS}" in error
     # data of an older generator (no version recorded) is refused too: the same seed draws different pixels now
     (data_dir / "synth_info.json").write_text(json.dumps({"n_patients": DEMO_PATIENTS}))
     assert main(["demo", "--out", str(tmp_path)]) == 2
@@ -39,7 +41,8 @@ def test_demo_recipe_learns_the_synthetic_subtypes(tmp_path):
     tlese_arm = experiment.arms[0]
     assert tlese_arm.model.startswith("tlese_") and tlese_arm.transfer == "double"
     run_dir = run_cv(experiment, arms=[tlese_arm.name])
-    predictions = pd.concat(pd.read_csv(path) for path in sorted((run_dir / tlese_arm.name).glob(f"fold_*/{PREDICTIONS_BREASTS}")))
+    files = sorted((run_dir / tlese_arm.name).glob(f"fold_*/{PREDICTIONS_BREASTS}"))
+    predictions = pd.concat(pd.read_csv(path) for path in files)
     assert len(predictions) >= 0.8 * DEMO_PATIENTS  # about 0.9 malignant breasts per patient
     probabilities = predictions.filter(like="prob_").to_numpy()
     macro_auc = roc_auc_score(predictions["target"], probabilities, multi_class="ovr")

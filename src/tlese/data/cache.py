@@ -43,7 +43,9 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from tlese.data.preprocess import PREPROCESS_VERSION, PreprocessParams
+from tlese.data.io import ImageReadError
+from tlese.data.preprocess import PREPROCESS_VERSION, PreprocessParams, UnusableImageError, prepare_file
+from tlese.vocab import Side
 
 MANIFEST_NAME = "manifest.csv"
 JOURNAL_NAME = "manifest.journal"
@@ -168,8 +170,6 @@ def read_png16(path: str | Path) -> np.ndarray:
     naming it."""
     from PIL import Image
 
-    from tlese.data.io import ImageReadError
-
     try:
         with Image.open(path) as image:
             array = np.asarray(image)
@@ -205,39 +205,87 @@ def prepare_table(
     and PrepareError when more than `max_skipped_fraction` of the images were skipped.
     """
     started = time.perf_counter()
+    _check_arguments(table, max_skipped_fraction)
+    out_dir = _open_cache(Path(cache_dir), params)
+    show = _shower(table, root)
+    plan = _plan_jobs(table, out_dir)
+    summary = PrepareSummary(images=len(table), cache_dir=str(out_dir))
+    manifest = _Manifest(out_dir)
+    rows, todo = _check_cache(plan, manifest, show, summary)
+    failures = _run_and_record(todo, params, workers, progress, manifest, rows)
+    summary.prepared = len(todo) - len(failures)
+    summary.skipped = _skipped(plan, failures, show)
+    usable = [index for index, key in enumerate(plan.row_keys) if key is not None and key in rows]
+    kept, conflicts = _check_identity(table, usable, plan.sources, plan.row_keys, rows, show, summary)
+    summary.facing_mismatch = _facing_mismatches(plan, kept, rows, show)
+    summary.seconds = time.perf_counter() - started
+    if conflicts:
+        raise DataIntegrityError(conflicts)
+    _report_skips(summary, plan.distinct, max_skipped_fraction)
+    return _result(table, plan, kept, rows), summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The steps of prepare_table
+
+
+@dataclass
+class _Plan:
+    """What a table asks for: one job per distinct (source, side, view), and per row its source and job key."""
+
+    jobs: dict[str, Job]  # key -> job, so a source listed twice with the same labels is prepared once
+    row_keys: list[str | None]  # per row: its job's key, None when its file cannot even be looked at
+    sources: list[str]  # per row: the resolved source path
+    unreadable: dict[str, str]  # source -> reason, for files that cannot even be looked at
+
+    @property
+    def distinct(self) -> int:
+        """Distinct images asked for (the base of the skipped fraction)."""
+        return len(self.jobs) + len(self.unreadable)
+
+
+def _check_arguments(table: pd.DataFrame, max_skipped_fraction: float) -> None:
     missing = {"path", "side"} - set(table.columns)
     if missing:
         raise ValueError(f"table lacks column(s) {sorted(missing)}; has {list(table.columns)}")
     if not 0.0 <= max_skipped_fraction <= 1.0:
         raise ValueError(f"max_skipped_fraction must be within [0, 1], got {max_skipped_fraction}")
-    out_dir = Path(cache_dir) / params.fingerprint()
+
+
+def _open_cache(cache_dir: Path, params: PreprocessParams) -> Path:
+    """The cache folder of `params` (created, params.json written, temporaries of dead runs removed)."""
+    out_dir = cache_dir / params.fingerprint()
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_params(out_dir, params)
     _remove_stale_temporaries(out_dir)
-    show = _shower(table, root)
+    return out_dir
 
-    jobs: dict[str, Job] = {}  # key -> job, so a source listed twice with the same labels is prepared once
-    row_keys: list[str | None] = []
-    sources: list[str] = []
-    unreadable: dict[str, str] = {}  # source -> reason, for files that cannot even be looked at
+
+def _plan_jobs(table: pd.DataFrame, out_dir: Path) -> _Plan:
+    """One job per distinct (source, side, view) of the table; files that cannot be looked at are noted."""
+    plan = _Plan(jobs={}, row_keys=[], sources=[], unreadable={})
     for row in table.itertuples(index=False):
         source = _resolved(row.path)
-        sources.append(source)
+        plan.sources.append(source)
         side, view = _label(getattr(row, "side", None)), _label(getattr(row, "view", None))
         try:
             key = cache_key(source, side, view)
         except OSError as error:
-            unreadable.setdefault(source, f"cannot access file ({error.strerror or error})")
-            row_keys.append(None)
+            plan.unreadable.setdefault(source, f"cannot access file ({error.strerror or error})")
+            plan.row_keys.append(None)
             continue
-        row_keys.append(key)
-        jobs.setdefault(key, Job(source, side, view, str(out_dir / f"{key}.png")))
+        plan.row_keys.append(key)
+        plan.jobs.setdefault(key, Job(source, side, view, str(out_dir / f"{key}.png")))
+    return plan
 
-    manifest = _Manifest(out_dir)
-    summary = PrepareSummary(images=len(table), cache_dir=str(out_dir))
+
+def _check_cache(plan: _Plan, manifest: _Manifest, show, summary: PrepareSummary
+                 ) -> tuple[dict[str, dict], dict[str, Job]]:
+    """Split the jobs into valid cache hits (key -> manifest row) and jobs to run; damaged cached PNGs are noted
+    in `summary.repaired` and run again."""
     rows: dict[str, dict] = {}  # key -> manifest row of every image prepared or reused in this run
     todo: dict[str, Job] = {}
-    for key, job in jobs.items():
+    for key, job in plan.jobs.items():
         entry = manifest.rows.get(Path(job.out_path).name)
         problem = _cache_problem(job, entry)
         if problem is None:
@@ -247,8 +295,14 @@ def prepare_table(
             if problem != "absent":
                 summary.repaired.append((show(job.source), f"{problem}; prepared again"))
     summary.cached = len(rows)
+    return rows, todo
 
-    failures: dict[str, str] = {}  # key -> reason
+
+def _run_and_record(todo: dict[str, Job], params: PreprocessParams, workers: int, progress: bool,
+                    manifest: _Manifest, rows: dict[str, dict]) -> dict[str, str]:
+    """Run the jobs, journaling each finished image as it arrives (into `rows` too), then fold the journal into
+    the manifest; returns key -> reason of every job that failed."""
+    failures: dict[str, str] = {}
     with manifest.journal() as journal:
         def record(job: Job, ok: bool, info) -> None:
             key = Path(job.out_path).stem
@@ -259,34 +313,41 @@ def prepare_table(
                 failures[key] = info
 
         _run_jobs(list(todo.values()), params, workers, progress, record)
-    summary.prepared = len(todo) - len(failures)
     manifest.compact(rows)
+    return failures
 
-    seen: set = set()
-    for source, key in zip(sources, row_keys):
-        reason = unreadable.get(source) if key is None else failures.get(key)
+
+def _skipped(plan: _Plan, failures: dict[str, str], show) -> list[tuple[str, str]]:
+    """(shown path, reason) of each image that could not be prepared, once each, in table order."""
+    skipped, seen = [], set()
+    for source, key in zip(plan.sources, plan.row_keys):
+        reason = plan.unreadable.get(source) if key is None else failures.get(key)
         if reason is not None and (key or source) not in seen:
             seen.add(key or source)
-            summary.skipped.append((show(source), reason))
-    usable = [index for index, key in enumerate(row_keys) if key is not None and key in rows]
-    kept, conflicts = _check_identity(table, usable, sources, row_keys, rows, show, summary)
-    for index in kept:
-        job = jobs[row_keys[index]]
-        labelled = job.side or rows[row_keys[index]].get("side_in_file")
-        facing = rows[row_keys[index]].get("facing")
-        if labelled and facing and facing != labelled and show(job.source) not in summary.facing_mismatch:
-            summary.facing_mismatch.append(show(job.source))
-    summary.seconds = time.perf_counter() - started
-    if conflicts:
-        raise DataIntegrityError(conflicts)
+            skipped.append((show(source), reason))
+    return skipped
 
-    distinct = len(jobs) + len(unreadable)
+
+def _facing_mismatches(plan: _Plan, kept: list[int], rows: dict[str, dict], show) -> list[str]:
+    """Shown paths of the kept images whose content faces the other way from their side (labelled, else tagged)."""
+    mismatched: list[str] = []
+    for index in kept:
+        job, row = plan.jobs[plan.row_keys[index]], rows[plan.row_keys[index]]
+        labelled = Side.parse(job.side) or Side.parse(row.get("side_in_file"))
+        facing = Side.parse(row.get("facing"))
+        if None not in (labelled, facing) and facing != labelled and show(job.source) not in mismatched:
+            mismatched.append(show(job.source))
+    return mismatched
+
+
+def _report_skips(summary: PrepareSummary, distinct: int, max_skipped_fraction: float) -> None:
+    """Warn about skipped and duplicate rows; PrepareError when more than `max_skipped_fraction` was skipped."""
     if summary.skipped:
         warnings.warn(f"prepare: skipped {len(summary.skipped)} of {distinct} images, "
-                      f"e.g. {summary.skipped[0][0]}: {summary.skipped[0][1]}", stacklevel=2)
+                      f"e.g. {summary.skipped[0][0]}: {summary.skipped[0][1]}", stacklevel=3)
     if summary.duplicates:
         warnings.warn(f"prepare: dropped {len(summary.duplicates)} row(s) listing an image again for the same "
-                      f"patient, e.g. {summary.duplicates[0][0]}: {summary.duplicates[0][1]}", stacklevel=2)
+                      f"patient, e.g. {summary.duplicates[0][0]}: {summary.duplicates[0][1]}", stacklevel=3)
     if len(summary.skipped) > max_skipped_fraction * distinct:
         reasons = Counter(reason.split(" (")[0].split(":")[0] for _, reason in summary.skipped).most_common(3)
         top = "; ".join(f"{reason} ({count})" for reason, count in reasons)
@@ -296,10 +357,13 @@ def prepare_table(
             "the loss with a higher max_skipped_fraction (prepare_table) / --max-skipped-fraction (tlese prepare). "
             f"Skipped e.g. {summary.skipped[0][0]}: {summary.skipped[0][1]}", summary)
 
+
+def _result(table: pd.DataFrame, plan: _Plan, kept: list[int], rows: dict[str, dict]) -> pd.DataFrame:
+    """The kept rows with `prepared_path` and `source_sha256`."""
     result = table.iloc[kept].copy()
-    result["prepared_path"] = [jobs[row_keys[index]].out_path for index in kept]
-    result["source_sha256"] = [rows[row_keys[index]]["sha256"] for index in kept]
-    return result.reset_index(drop=True), summary
+    result["prepared_path"] = [plan.jobs[plan.row_keys[index]].out_path for index in kept]
+    result["source_sha256"] = [rows[plan.row_keys[index]]["sha256"] for index in kept]
+    return result.reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -379,15 +443,11 @@ def _check_identity(table, usable, sources, row_keys, rows, show, summary) -> tu
 
 
 def _prepare_one(job: tuple, params_dict: dict) -> tuple[bool, dict | str]:
-    """Runs in a worker: read, check, preprocess, write. Returns (True, info for the manifest) or (False, reason)."""
-    from tlese.data.io import ImageReadError, check_header_against, read_image
-    from tlese.data.preprocess import UnusableImageError, preprocess_with_info
-
+    """Runs in a worker: `prepare_file`, then write the PNG. Returns (True, info for the manifest) or (False,
+    reason)."""
     source, side, view, out_path = job
     try:
-        pixels, header = read_image(source)
-        check_header_against(header, view, side, source)
-        image, found = preprocess_with_info(pixels, side or header.side, PreprocessParams.from_dict(params_dict))
+        image, found = prepare_file(source, side, view, PreprocessParams.from_dict(params_dict))
         png_size, png_sha256 = write_png16(image, out_path)
         sha256 = _file_sha256(source)
     except (ImageReadError, UnusableImageError) as error:
@@ -396,6 +456,7 @@ def _prepare_one(job: tuple, params_dict: dict) -> tuple[bool, dict | str]:
         return False, "out of memory while preparing"
     except Exception as error:  # one bad file must never stop the run; report it instead
         return False, f"{type(error).__name__}: {error}"
+    header = found["header"]
     return True, {"view_in_file": header.view or "", "side_in_file": header.side or "",
                   "facing": found["facing"] or "", "flipped": int(found["flipped"]), "sha256": sha256,
                   "instance_hash": header.instance_hash or "", "png_size": png_size, "png_sha256": png_sha256}
@@ -437,9 +498,9 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 @contextmanager
-def _single_torch_thread():
-    """Run with one torch thread, as a worker does: the small resizes got 2-3x *slower* with more threads on a
-    loaded 2-core machine."""
+def single_torch_thread():
+    """Run the block with one torch thread, as a prepare worker does (torch resizes; the small resizes got 2-3x
+    *slower* with more threads on a loaded 2-core machine); the previous thread count is restored after."""
     import torch
 
     previous = torch.get_num_threads()
@@ -468,7 +529,7 @@ def _run_jobs(jobs: list[Job], params: PreprocessParams, workers: int, progress:
         if not jobs:
             pass  # all cached: not even torch is needed
         elif workers <= 1 or len(jobs) == 1:
-            with _single_torch_thread():
+            with single_torch_thread():
                 for job in jobs:
                     finish(job, _prepare_one(job, params_dict))
         else:
@@ -478,19 +539,24 @@ def _run_jobs(jobs: list[Job], params: PreprocessParams, workers: int, progress:
         bar.close()
 
 
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """The process pool prepare_table runs its jobs in: `workers` spawned processes (not forked: forking a parent
+    that already runs torch/OpenMP threads can deadlock the children), each with one torch thread and ending when
+    this process dies. Use it as a context manager."""
+    import multiprocessing
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(os.getpid(),))
+
+
 def _run_pool(jobs: list[Job], params_dict: dict, workers: int, finish) -> list[Job]:
     """Run `jobs` in a process pool, a fresh pool after each worker death; returns the jobs that were in flight
     when a worker died (any of them may have killed it)."""
-    import multiprocessing
-
-    # spawn, not fork: forking a parent that already runs torch/OpenMP threads can deadlock the children.
-    context = multiprocessing.get_context("spawn")
     pending, suspects = deque(jobs), []
     while pending:
         in_flight: dict = {}
         broken = False
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                                 initargs=(os.getpid(),)) as pool:
+        with worker_pool(workers) as pool:
             while (pending or in_flight) and not broken:
                 while pending and len(in_flight) < workers * IN_FLIGHT_PER_WORKER:
                     job = pending.popleft()

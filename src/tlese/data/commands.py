@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tlese.vocab import MODALITIES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the data commands to the `tlese` parser."""
@@ -17,6 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
+    from tlese.data.preprocess import PREPROCESS_OVERRIDES, PreprocessParams
+
+    defaults = PreprocessParams.build(512).to_dict()
+    keys = "; ".join(f"{key} (default {defaults[key]}): {meaning}" for key, meaning in PREPROCESS_OVERRIDES.items())
     parser = subparsers.add_parser(
         "prepare",
         help="preprocess a dataset's images into a 16-bit PNG cache (parallel, reused on later runs)",
@@ -28,8 +34,10 @@ def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="cache folder (a sub-folder per parameter set is created)")
     parser.add_argument("--size", type=int, default=512, help="output side in pixels (default 512)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-    parser.add_argument("--modality", choices=("mammo", "cxr"), default=None,
+    parser.add_argument("--modality", choices=MODALITIES, default=None,
                         help="preprocessing path (default: the dataset's own `modality` column, else mammo)")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
+                        help=f"override one preprocessing parameter (repeatable). Keys: {keys}")
     parser.add_argument("--max-skipped-fraction", type=float, default=None, metavar="F",
                         help="fail when more than this fraction of the images is skipped "
                         "(default 0.1; 1 accepts any number of skips)")
@@ -46,14 +54,16 @@ def run_prepare(args: argparse.Namespace) -> int:
     from tlese.data.datasets._common import format_skipped
     from tlese.data.preprocess import PreprocessParams
 
+    overrides = dict(args.param)
+    PreprocessParams.build(args.size, "mammo", overrides)  # a bad --param fails before the dataset is read
     table = get_adapter(args.dataset)(args.root)
     if table.attrs.get("skipped"):
         print(f"dataset {args.dataset}: {format_skipped(table.attrs['skipped'])}")
     modality = args.modality
     if modality is None:
         found = set(table["modality"].dropna().astype(str)) if "modality" in table.columns else set()
-        modality = found.pop() if len(found) == 1 and found <= {"mammo", "cxr"} else "mammo"
-    params = PreprocessParams(size=args.size, modality=modality)
+        modality = found.pop() if len(found) == 1 and found <= set(MODALITIES) else "mammo"
+    params = PreprocessParams.build(args.size, modality, overrides)
     fraction = DEFAULT_MAX_SKIPPED_FRACTION if args.max_skipped_fraction is None else args.max_skipped_fraction
     try:
         _, summary = prepare_table(table, params, args.out, workers=args.workers, progress=not args.no_progress,
@@ -63,6 +73,14 @@ def run_prepare(args: argparse.Namespace) -> int:
         raise
     print(summary)
     return 0
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    """'KEY=VALUE' -> (KEY, VALUE); the value is checked by PreprocessParams.build."""
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,45 +8,25 @@ naming the file and the problem.
 The header carries only technical tags (view, side, photometric, size, bits, ...), never patient identifiers; the
 SOPInstanceUID is kept only as a hash (`instance_hash`), to recognise one image stored twice.
 
-Views are the upper-case DICOM view codes (`CC`, `MLO`, `ML`, `LM`, `XCCL`, `XCCM`, `FB`, `LMO`, `SIO`, `CV`, ...),
-kept as written: an exaggerated CC (`XCCL`) is *not* silently turned into `CC`, because it shows a different part of
-the breast; `view_family()` maps it to `CC` where a caller wants the coarse family (used by
-`check_header_against`, so a dataset saying CC for an XCCL image is not a conflict).
+Sides and views are parsed by `tlese.vocab` (the one vocabulary): views are the upper-case DICOM view codes (`CC`,
+`MLO`, `ML`, `LM`, `XCCL`, `XCCM`, `FB`, `LMO`, `SIO`, `CV`, ...), kept as written: an exaggerated CC (`XCCL`) is
+*not* silently turned into `CC`, because it shows a different part of the breast; `view_family()` maps it to `CC`
+where a caller wants the coarse family (used by `check_header_against`, so a dataset saying CC for an XCCL image is
+not a conflict).
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from tlese.vocab import Side, side_and_view_in_text, side_code, view_code, view_family
+
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "PPM": "pgm", "TIFF": "tiff", "BMP": "bmp"}
-
-# View codes seen in ViewPosition (0018,5101) or text fields, and the coarse family each belongs to.
-VIEW_FAMILY = {
-    "CC": "CC", "XCCL": "CC", "XCCM": "CC", "FB": "CC", "CV": "CC",
-    "MLO": "MLO", "LMO": "MLO",
-    "ML": "ML", "LM": "LM", "SIO": "SIO", "AT": "AT",
-}
-# ViewCodeSequence code meanings (DICOM CID 4014), compared without case, spaces or hyphens.
-_VIEW_MEANINGS = {
-    "craniocaudal": "CC",
-    "mediolateraloblique": "MLO",
-    "mediolateral": "ML",
-    "lateromedial": "LM",
-    "lateromedialoblique": "LMO",
-    "craniocaudalexaggeratedlaterally": "XCCL",
-    "craniocaudalexaggeratedmedially": "XCCM",
-    "caudocranialfrombelow": "FB",
-    "superolateraltoinferomedialoblique": "SIO",
-    "cleavage": "CV",
-    "axillarytail": "AT",
-}
-_SIDE_WORDS = {"L": "L", "LEFT": "L", "R": "R", "RIGHT": "R"}
 
 
 class ImageReadError(ValueError):
@@ -80,14 +60,6 @@ class ImageHeader:
     view_source: str | None = None
     side_source: str | None = None
     instance_hash: str | None = None  # sha256 of the DICOM SOPInstanceUID (never the UID itself)
-
-
-def view_family(view: str | None) -> str | None:
-    """Coarse view family: XCCL/XCCM/FB -> CC, LMO -> MLO, others unchanged; None stays None."""
-    if view is None:
-        return None
-    code = view.strip().upper()
-    return VIEW_FAMILY.get(code, code)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,15 +106,15 @@ def check_header_against(
 ) -> None:
     """Raise ImageReadError when the file's view or side contradicts the dataset's; None on either side passes."""
     if header.side is not None and expected_side is not None:
-        expected = _normalise_side(str(getattr(expected_side, "value", expected_side)))  # str or vocab.Side
+        expected = Side.parse(expected_side)  # str or vocab.Side
         if expected is not None and expected != header.side:
             raise ImageReadError(
                 path,
                 f"laterality conflict: DICOM {header.side_source or 'header'} says {header.side}, "
-                f"dataset says {expected}",
+                f"dataset says {expected.value}",
             )
     if header.view is not None and expected_view is not None:
-        expected = _normalise_view(str(getattr(expected_view, "value", expected_view)))
+        expected = view_code(expected_view)
         if expected is not None and view_family(expected) != view_family(header.view):
             raise ImageReadError(
                 path,
@@ -240,11 +212,11 @@ def _dicom_header(ds, path: Path) -> ImageHeader:
 def _dicom_side(ds) -> tuple[str | None, str | None]:
     """Laterality: ImageLaterality, then Laterality, then free-text descriptions ("L CC", "RIGHT MLO", "RMLO")."""
     for keyword in ("ImageLaterality", "Laterality"):
-        side = _normalise_side(_text(ds.get(keyword)))
+        side = side_code(_text(ds.get(keyword)))
         if side is not None:
             return side, keyword
     for keyword in ("SeriesDescription", "ProtocolName", "ViewPosition"):
-        side, _ = _parse_description(_text(ds.get(keyword)))
+        side, _ = side_and_view_in_text(_text(ds.get(keyword)))
         if side is not None:
             return side, keyword
     return None, None
@@ -252,59 +224,25 @@ def _dicom_side(ds) -> tuple[str | None, str | None]:
 
 def _dicom_view(ds) -> tuple[str | None, str | None]:
     """View: ViewPosition, ViewCodeSequence, a view code in PatientOrientation (CBIS-DDSM puts it there), text."""
-    view = _normalise_view(_text(ds.get("ViewPosition")))
+    view = view_code(_text(ds.get("ViewPosition")))
     if view is not None:
         return view, "ViewPosition"
     for item in ds.get("ViewCodeSequence") or []:
-        meaning = re.sub(r"[^a-z]", "", str(item.get("CodeMeaning", "")).lower())
-        if meaning in _VIEW_MEANINGS:
-            return _VIEW_MEANINGS[meaning], "ViewCodeSequence"
+        view = view_code(str(item.get("CodeMeaning", "")))
+        if view is not None:
+            return view, "ViewCodeSequence"
     orientation = ds.get("PatientOrientation")
     if orientation is not None:
         values = [orientation] if isinstance(orientation, str) else list(orientation)
         if len(values) == 1:  # a real PatientOrientation has two values (row, column directions)
-            view = _normalise_view(str(values[0]))
+            view = view_code(str(values[0]))
             if view is not None:
                 return view, "PatientOrientation"
     for keyword in ("SeriesDescription", "ProtocolName"):
-        _, view = _parse_description(_text(ds.get(keyword)))
+        _, view = side_and_view_in_text(_text(ds.get(keyword)))
         if view is not None:
             return view, keyword
     return None, None
-
-
-def _parse_description(text: str | None) -> tuple[str | None, str | None]:
-    """Side and view from a free-text description: "L CC", "RIGHT MLO", "R-MLO", "LCC", "rmlo"."""
-    if not text:
-        return None, None
-    side = view = None
-    for token in re.split(r"[^A-Z]+", text.upper()):
-        if not token:
-            continue
-        if token in _SIDE_WORDS:
-            side = side or _SIDE_WORDS[token]
-        elif token in VIEW_FAMILY and token != "AT":  # "AT" is also an English word in free text
-            view = view or token
-        elif token[0] in "LR" and token[1:] in VIEW_FAMILY and token[1:] != "AT":
-            side = side or token[0]
-            view = view or token[1:]
-    return side, view
-
-
-def _normalise_side(value: str | None) -> str | None:
-    if value is None:
-        return None
-    return _SIDE_WORDS.get(value.strip().upper())  # B (both) and U (unpaired) -> None
-
-
-def _normalise_view(value: str | None) -> str | None:
-    """Upper-case view code ("cc" -> "CC", "LAT" -> "ML"), None when not a known mammographic view."""
-    if value is None:
-        return None
-    code = re.sub(r"[^A-Z]", "", value.upper())
-    if code == "LAT":  # some vendors write LAT for a true (medio-)lateral view
-        return "ML"
-    return code if code in VIEW_FAMILY else None
 
 
 def _text(value) -> str | None:

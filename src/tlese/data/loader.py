@@ -13,9 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tlese.data.cache import read_png16
-from tlese.vocab import DUAL_VIEW_ORDER
-
-SINGLE_VIEW_POLICIES = ("duplicate", "drop")
+from tlese.vocab import DUAL_VIEW_ORDER, SINGLE_VIEW_POLICIES
 
 
 def _require(table: pd.DataFrame, columns: set[str], what: str) -> None:

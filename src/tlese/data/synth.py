@@ -36,9 +36,10 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy.ndimage import gaussian_filter
 
+from tlese.vocab import CMMD_SUBTYPES
+
 SYNTH_VERSION = 2
 """Bumped whenever the same seed would draw different pixels (2: subtypes visible at 96 px, atypical lesions)."""
-SUBTYPES = ("Luminal A", "Luminal B", "HER2-enriched", "triple negative")
 CXR_CLASSES = ("covid", "no_findings", "pneumonia")
 MAMMO_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.2"  # Digital Mammography X-Ray Image Storage - For Presentation
 _VIEW_CODES = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique")}
@@ -114,7 +115,7 @@ def _patient_plan(n_patients: int, rng: np.random.Generator) -> list[dict]:
     """Who has which breast(s) with which label: ~10% benign (D1 cohort), malignant subtypes balanced (D2)."""
     n_benign = n_patients // 10
     n_malignant = n_patients - n_benign
-    subtypes = list(rng.permutation(np.resize(np.array(SUBTYPES), n_malignant)))
+    subtypes = list(rng.permutation(np.resize(np.array(CMMD_SUBTYPES), n_malignant)))
     plan = []
     for number, subtype in enumerate(subtypes, start=1):
         first_side = str(rng.choice(["L", "R"]))
@@ -163,7 +164,7 @@ def _write_mammograms(
 def _draw_lesion(kind: str, rng: np.random.Generator) -> dict:
     """One lesion per breast, shared by its CC and MLO views (same size, look and depth from the chest wall)."""
     if kind != "benign" and rng.random() < ATYPICAL_FRACTION:  # looks like another subtype
-        kind = str(rng.choice([other for other in SUBTYPES if other != kind]))
+        kind = str(rng.choice([other for other in CMMD_SUBTYPES if other != kind]))
     params = LESION_PARAMS[kind]
 
     def draw(name: str, low: float) -> float:
@@ -328,7 +329,7 @@ def _chest_xray(size: int, label: str, rng: np.random.Generator) -> np.ndarray:
             blob = np.exp(-(((r - rows_[pick] / size) ** 2 + (c - cols_[pick] / size) ** 2) / (2 * radius**2)))
             opacity += rng.uniform(0.18, 0.35) * blob
     elif label == "covid":  # bilateral, peripheral, lower-zone ground-glass haze
-        for centre, lung in zip((0.3, 0.7), lung_masks):
+        for centre in (0.3, 0.7):
             outer = centre + (-0.1 if centre < 0.5 else 0.1)
             for _ in range(int(rng.integers(3, 7))):
                 row, col = rng.uniform(0.5, 0.72), outer + rng.normal(0, 0.03)

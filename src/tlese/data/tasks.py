@@ -24,12 +24,10 @@ from typing import Any
 
 import pandas as pd
 
-from tlese.data.preprocess import MODALITIES
-from tlese.vocab import View
+from tlese.vocab import CMMD_SUBTYPES, MODALITIES, SINGLE_VIEW_POLICIES, View
 
 ANY_VIEW = "any"
 VIEWS = (*(view.value for view in View), ANY_VIEW)
-SINGLE_VIEW_POLICIES = ("drop", "duplicate")
 UNKNOWN_LABEL_POLICIES = ("error", "skip")
 
 
@@ -297,7 +295,6 @@ def list_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
-SUBTYPES4 = ("Luminal A", "Luminal B", "HER2-enriched", "triple negative")
 _COVID3 = ("covid", "no_findings", "pneumonia")
 # Spellings of the same three classes in DarkCovidNet, COVIDx (V5-V7A) and the COVID-19 Radiography Database.
 _COVID3_GROUPING = {
@@ -312,7 +309,8 @@ _COVID2_GROUPING = {
 }
 
 for _task in (
-    Task("cmmd_subtype4", "subtype", SUBTYPES4, description="CMMD molecular subtype (4 classes), CC+MLO per breast"),
+    Task("cmmd_subtype4", "subtype", CMMD_SUBTYPES,
+         description="CMMD molecular subtype (4 classes), CC+MLO per breast"),
     Task("cmmd_luminal", "subtype", ("luminal", "non_luminal"),
          grouping={"Luminal A": "luminal", "Luminal B": "luminal", "HER2-enriched": "non_luminal",
                    "triple negative": "non_luminal"},
@@ -333,7 +331,7 @@ for _task in (
          description="chest X-ray COVID-19 / no findings / pneumonia (DarkCovidNet classes)"),
     Task("cxr_covid2", "label", ("covid", "other"), grouping=_COVID2_GROUPING, modality="cxr", views=(ANY_VIEW,),
          description="chest X-ray COVID-19 vs other"),
-    Task("synth_subtype4", "subtype", SUBTYPES4, description="synthetic CMMD-layout subtypes (tlese synth)"),
+    Task("synth_subtype4", "subtype", CMMD_SUBTYPES, description="synthetic CMMD-layout subtypes (tlese synth)"),
     Task("synth_cxr3", "label", _COVID3, modality="cxr", views=(ANY_VIEW,),
          description="synthetic chest X-rays (tlese synth)"),
 ):

@@ -10,8 +10,8 @@ import yaml
 
 from tlese.evaluate.metrics import HEADLINE_METRICS, METRICS, class_names_from_columns
 from tlese.evaluate.report import write_report
-from tlese.provenance import environment_info
 from tlese.evaluate.tables import per_fold_table, summary_table
+from tlese.provenance import environment_info
 
 
 def register(subparsers) -> None:
@@ -30,10 +30,10 @@ def register(subparsers) -> None:
     parser.add_argument("--config", type=Path, help="optional resolved config YAML to include")
     parser.add_argument("--n-boot", type=int, default=1000, help="patient-level bootstrap resamples (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    parser.set_defaults(func=run_report)
+    parser.set_defaults(func=cmd_report)
 
 
-def run_report(args: argparse.Namespace) -> int:
+def cmd_report(args: argparse.Namespace) -> int:
     """Read the CSV, compute the tables, write the report and print where it is."""
     if not args.predictions.is_file():
         raise FileNotFoundError(f"predictions CSV not found: {args.predictions}")

@@ -35,7 +35,8 @@ def grad_cam(model: nn.Module, images: torch.Tensor, class_index: int | list[int
     class_index: the class to explain per image (int, list or tensor of B); default the predicted class.
     layer: module name; default `model.gradcam_layer`.
     Returns `(maps, logits)`: maps `(B, H, W)` or `(B, 2, H, W)`, each case scaled to [0, 1] by its maximum (over
-    both views of a breast, so their brightness compares; all zero when no location supports the class); logits `(B, num_classes)`. The model's mode and its parameters' gradients
+    both views of a breast, so their brightness compares; all zero when no location supports the class); logits
+    `(B, num_classes)`. The model's mode and its parameters' gradients
     are left as they were.
     """
     name = layer or getattr(model, "gradcam_layer", None)

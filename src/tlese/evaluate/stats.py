@@ -256,7 +256,7 @@ def paired_bootstrap_test(
 def _binary_labels(y_true) -> np.ndarray:
     y_true = np.asarray(y_true).ravel()
     values = np.unique(y_true)
-    if not set(values.tolist()) <= {0, 1, False, True}:
+    if not set(values.tolist()) <= {0, 1}:
         raise ValueError(f"DeLong needs binary labels 0/1; got values {values.tolist()}")
     y_true = y_true.astype(bool)
     if y_true.all() or not y_true.any():

@@ -53,7 +53,7 @@ class ImageClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(pretrained_cfg["mean"]).view(shape), persistent=False)
         self.register_buffer("std", torch.tensor(pretrained_cfg["std"]).view(shape), persistent=False)
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """Check (unless `check_input` is off) and normalise a `[0, 1]` image batch with the backbone's stats."""
         if self.check_input:
             _check_range(x)
@@ -63,7 +63,7 @@ class ImageClassifier(nn.Module):
         """`(N, C, H, W)` in [0, 1] -> pooled features `(N, num_features)`."""
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected input (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
-        return self.backbone(self.normalize(x))
+        return self.backbone(self.normalise(x))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(F.dropout(features, self.drop_rate, self.training))

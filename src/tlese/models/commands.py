@@ -13,10 +13,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--views", choices=("single", "dual"), default="single")
     parser.add_argument("--filter", default="*", help="shell-style pattern on model names, e.g. 'tlese_*'")
     parser.add_argument("--format", choices=("md", "csv"), default="md")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=cmd_models)
 
 
-def run(args: argparse.Namespace) -> int:
+def cmd_models(args: argparse.Namespace) -> int:
     from tlese.models import list_models
     from tlese.models.cost import format_table, model_table
 

@@ -36,7 +36,8 @@ def register(subparsers) -> None:
     _add_experiment_arguments(cv)
     cv.set_defaults(func=cmd_cv)
 
-    compare = subparsers.add_parser("compare", help="cross-validate every arm on the same folds, then merge and compare")
+    compare = subparsers.add_parser("compare",
+                                    help="cross-validate every arm on the same folds, then merge and compare")
     _add_experiment_arguments(compare)
     _add_reference_argument(compare)
     compare.set_defaults(func=cmd_compare)
@@ -62,7 +63,8 @@ def register(subparsers) -> None:
     explain.set_defaults(func=cmd_explain)
 
 
-    demo = subparsers.add_parser("demo", help="the main job on the embedded synthetic data: synth, stage 1, 5-fold CV, report")
+    demo = subparsers.add_parser("demo",
+                                 help="the main job on the embedded synthetic data: synth, stage 1, 5-fold CV, report")
     demo.add_argument("--out", default="runs/demo", help="folder for data, runs and the report (default runs/demo)")
     demo.add_argument("--patients", type=int, default=DEMO_PATIENTS,
                       help=f"synthetic mammography patients (default {DEMO_PATIENTS}, sized for 2 CPU cores)")

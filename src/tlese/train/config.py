@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+
 @dataclass(frozen=True)
 class Transfer:
     """Which stages a transfer mode runs before the target task."""
@@ -27,7 +28,8 @@ TRANSFER = {
     "cxr": Transfer(imagenet=False, cxr=True),  # random -> chest X-ray -> target
     "double": Transfer(imagenet=True, cxr=True),  # ImageNet -> chest X-ray -> target (the method)
 }
-"""The target task is mammography in the method; any task works (a CXR-only cross-validation puts the CXR data in `target`)."""
+"""The target task is mammography in the method; any task works (a CXR-only cross-validation puts the CXR data in
+`target`)."""
 TRANSFER_MODES = tuple(TRANSFER)
 
 
@@ -131,6 +133,9 @@ class Experiment:
     output_dir: str = "runs"
     cache_dir: str = ".cache/tlese"
     image_size: int = 256
+    # Preprocessing parameters beyond size and modality (tlese.data.preprocess.PreprocessParams.build's keys); the
+    # same section and rule serve `tlese prepare --param KEY=VALUE` and, through the bundle, prediction.
+    preprocess: dict[str, Any] = field(default_factory=dict)
     in_chans: int = 1
     views: str = "dual"  # dual: one prediction per breast from CC+MLO; single: per image, fused per breast by mean
     fusion: str = "mean_logits"
@@ -209,7 +214,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
-    allowed = typing.get_args(hint) if origin in (typing.Union, getattr(__import__("types"), "UnionType")) else (hint,)
+    allowed = typing.get_args(hint) if origin in (typing.Union, __import__("types").UnionType) else (hint,)
     if isinstance(value, bool) and bool not in allowed:
         raise ConfigError(f"{where}: expected {hint}, got a boolean")
     for kind in allowed:

@@ -22,7 +22,14 @@ from tlese.train import engine
 from tlese.train.config import Arm, Experiment, dump_experiment, load_experiment
 from tlese.train.data import PreparedData, make_dataset, prepare
 from tlese.train.rundir import (
-    EXECUTION_KEYS, RUN_ONLY_KEYS, FoldDir, RunDir, StaleRunError, differences, fingerprint, write_json_atomic,
+    EXECUTION_KEYS,
+    RUN_ONLY_KEYS,
+    FoldDir,
+    RunDir,
+    StaleRunError,
+    differences,
+    fingerprint,
+    write_json_atomic,
 )
 from tlese.train.stages import arm_settings, fold_tables, initial_model, settings, stage1_made_from
 
@@ -67,7 +74,7 @@ def check_experiment(experiment: Experiment, arms: list[str] | None = None) -> l
             num_classes = len(task.classes)
     for arm in chosen:
         try:  # the smallest build that runs the arm's own registry lookup and option checks
-            create_model(arm.model, pretrained=False, **{**model_kwargs(arm, experiment, num_classes, experiment.views)})
+            create_model(arm.model, pretrained=False, **model_kwargs(arm, experiment, num_classes, experiment.views))
         except (ValueError, TypeError) as error:
             raise ValueError(f"arm {arm.name}: {error}") from None
     return chosen
@@ -241,7 +248,8 @@ def assert_no_leakage(split: pd.DataFrame, where: str) -> None:
     seen = set(split.loc[split["role"] != "test", "patient_id"])
     leaked = test & seen
     if leaked:
-        raise AssertionError(f"{where}: {len(leaked)} test patient(s) also in training/validation, e.g. {sorted(leaked)[:3]}")
+        raise AssertionError(f"{where}: {len(leaked)} test patient(s) also in training/validation, "
+                             f"e.g. {sorted(leaked)[:3]}")
 
 
 def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:

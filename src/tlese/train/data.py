@@ -74,7 +74,7 @@ def prepare(source: DataSource, experiment: Experiment) -> PreparedData:
                     source.adapter, len(skipped), *skipped[0])
     table, encode_report = task.encode(table)
     notes.append(f"{task.name}: {encode_report}")
-    params = PreprocessParams(size=experiment.image_size, modality=task.modality)
+    params = PreprocessParams.build(experiment.image_size, task.modality, experiment.preprocess)
     # A progress bar only on a terminal: in a cluster log it would be thousands of redrawn frames.
     table, summary = prepare_table(table, params, Path(experiment.cache_dir), workers=experiment.prepare_workers,
                                    progress=sys.stderr.isatty(), root=source.root)

@@ -2,7 +2,8 @@
 
 Lightning gives us, well tested: DDP on one or many nodes (`strategy="ddp"`, or torchrun), mixed precision, checkpoints
 and resume, early stopping, CSV/TensorBoard logs and the progress bar. What is ours: the classification module, the
-warm-up + cosine schedule, class balancing, and the rule that model selection only ever sees the internal validation split.
+warm-up + cosine schedule, class balancing, epoch-seeded sampling (resumed == uninterrupted), and the rule that model
+selection only ever sees the internal validation split.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import torch
-import lightning.pytorch as pl
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -106,7 +107,8 @@ class ClassificationModule(pl.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at step {self.global_step} (the model diverged: "
                                      "lower the learning rate)")
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets), sync_dist=True)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets),
+                 sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):

@@ -49,9 +49,11 @@ def _check_fold(fold_dir: FoldDir, frame: pd.DataFrame, fold_patients: set[str],
     predicted = set(frame["patient_id"])
     outside, missing = predicted - fold_patients, fold_patients - predicted
     if outside:
-        raise AssertionError(f"{where}: predictions for patients outside test fold {fold_dir.fold}, e.g. {sorted(outside)[:3]}")
+        raise AssertionError(f"{where}: predictions for patients outside test fold {fold_dir.fold}, "
+                             f"e.g. {sorted(outside)[:3]}")
     if missing:
-        raise AssertionError(f"{where}: {len(missing)} test patient(s) of fold {fold_dir.fold} have no prediction, e.g. "
+        raise AssertionError(f"{where}: {len(missing)} test patient(s) of fold {fold_dir.fold} have no prediction, "
+                             "e.g. "
                              f"{sorted(missing)[:3]}")
     check_unique_units(frame, unit_key_columns(frame), str(where))
 
@@ -225,7 +227,8 @@ def merge_run(run_dir: str | Path, references: list[str] | None = None) -> dict[
         run.path, title=f"{experiment.name}: {len(collected)} arm(s), {experiment.folds}-fold patient-level CV",
         summary_table=overview, per_fold_table=None, predictions=collected[first].predictions, class_names=class_names,
         history=None, config=config, environment=environment, data_summary=data_summary, comparison_table=comparison,
-        notes=[*notes, f"ROC and confusion matrix shown for the first arm ({first}); each arm's own report is in its folder",
+        notes=[*notes,
+               f"ROC and confusion matrix shown for the first arm ({first}); each arm's own report is in its folder",
                *[f"{name}: folds not finished {results.missing_folds}" for name, results in collected.items()
                  if results.missing_folds],
                *[f"{name}: {paths['html']}" for name, paths in reports.items()]])

@@ -17,10 +17,11 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 
@@ -74,7 +75,8 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: unreadable record ({error}); delete the folder holding it to redo that step") from None
+        raise ValueError(f"{path}: unreadable record ({error}); delete the folder holding it to redo that step") \
+            from None
 
 
 @dataclass(frozen=True)
@@ -265,7 +267,7 @@ class RunDir:
         object.__setattr__(self, "path", Path(self.path))
 
     @classmethod
-    def of(cls, experiment) -> "RunDir":
+    def of(cls, experiment) -> RunDir:
         return cls(Path(experiment.output_dir) / experiment.name)
 
     @property

@@ -62,13 +62,15 @@ def stage1_made_from(arm: Arm, experiment: Experiment, data: PreparedData) -> di
     cxr = experiment.cxr
     return {"tlese": tlese.__version__, "arm": arm_settings(arm), "seed": experiment.seed,
             "image_size": experiment.image_size, "in_chans": experiment.in_chans,
-            "data": {"adapter": cxr.adapter, "task": cxr.task, "options": cxr.options, "fingerprint": data.fingerprint(),
+            "data": {"adapter": cxr.adapter, "task": cxr.task, "options": cxr.options,
+                     "fingerprint": data.fingerprint(),
                      "preprocess": data.preprocess},
             "recipe": settings(dataclasses.asdict(experiment.cxr_recipe))}
 
 
 def model_kwargs(arm: Arm, experiment: Experiment, num_classes: int, views: str) -> dict:
-    """`create_model` arguments (besides name and pretrained) of the arm's model: also rebuilds it to load a checkpoint."""
+    """`create_model` arguments (besides name and pretrained) of the arm's model; they also rebuild it for a
+    checkpoint."""
     kwargs = dict(num_classes=num_classes, in_chans=experiment.in_chans, views=views, **arm.model_options)
     if views == "dual":
         kwargs["fusion"] = experiment.fusion
@@ -140,7 +142,8 @@ def _train_cxr_stage(arm: Arm, experiment: Experiment, data: PreparedData, arm_d
     if start_file.is_file():
         recorded = read_json(start_file)["imagenet"]
         if recorded != imagenet and not stage.last_checkpoint.is_file():
-            raise RuntimeError(f"{stage.path}: stage 1 started with ImageNet {recorded!r}, but on this machine it would "
+            raise RuntimeError(f"{stage.path}: stage 1 started with ImageNet {recorded!r}, but on this machine it "
+                               "would "
                                f"be {imagenet!r}; resume it where the weights are, or delete the folder")
         imagenet = recorded
     else:
@@ -177,7 +180,8 @@ def initial_model(arm: Arm, experiment: Experiment, num_classes: int, arm_dir: A
     log.info("arm %s: %s", arm.name, report.summary())
     if not report.loaded:
         raise RuntimeError(f"{checkpoint}: no backbone tensor matched the stage-2 model ({report.summary()})")
-    return model, InitRecord(imagenet=summary["imagenet"], cxr_checkpoint=checkpoint.relative_to(arm_dir.path).as_posix(),
+    return model, InitRecord(imagenet=summary["imagenet"],
+                             cxr_checkpoint=checkpoint.relative_to(arm_dir.path).as_posix(),
                              cxr_load_summary=report.summary(), cxr_sha256=summary["best_sha256"])
 
 

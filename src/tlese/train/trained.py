@@ -93,7 +93,8 @@ def explain_fold(run_dir: str | Path, arm_name: str, fold: int, per_class: int =
         name = f"{case['patient_id']}_{case['side']}_{case['view']}_{position}.png".replace("/", "_")
         verdict = "right" if case["true"] == case["predicted"] else "wrong"
         title = (f"{case['patient_id']} {case['side']}: true {classes[int(case['true'])]}, predicted "
-                 f"{classes[int(case['predicted'])]} ({case['probability']:.2f}, {verdict}); map for the predicted class")
+                 f"{classes[int(case['predicted'])]} ({case['probability']:.2f}, {verdict}); "
+                 "map for the predicted class")
         save_overlay(pixels.numpy(), maps[0].numpy(), out_dir / name, title=title, view_names=view_names)
         written.append({"file": name, "patient_id": case["patient_id"], "side": case["side"], "view": case["view"],
                         "true": classes[int(case["true"])], "predicted": classes[int(case["predicted"])],

@@ -52,7 +52,16 @@ def load_dataset(name: str, root: str | Path, **options) -> pd.DataFrame:
     return get_adapter(name)(root, **options)
 
 
-# Importing the adapter modules registers them.
-from tlese.data.datasets import cbis_ddsm, cmmd, cxr, manifest, mias, vindr  # noqa: E402,F401
+def _register_all() -> None:
+    """Import every adapter module of this package (which registers it): a new dataset is one new file here."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_register_all()
 
 __all__ = ["register_adapter", "get_adapter", "list_adapters", "load_dataset"]

@@ -1,4 +1,5 @@
-"""Helpers shared by the dataset adapters: the table contract, label-file reading and value normalisation."""
+"""Helpers shared by the dataset adapters: the table contract, label-file reading and folder walking (sides and views
+are parsed by `tlese.vocab`)."""
 
 from __future__ import annotations
 
@@ -10,48 +11,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from tlese.vocab import Side, View
+from tlese.vocab import MODALITIES
 
 # Every adapter returns at least these columns, in this order, followed by its extra label columns.
 TABLE_COLUMNS: tuple[str, ...] = ("patient_id", "side", "view", "path", "label", "dataset", "modality")
-
-MODALITIES = ("mammo", "cxr")
 
 # Chest X-rays carry no breast side, and the public CXR sets do not say PA or AP: both are the empty string
 # (meaning "not applicable / unknown"), never NaN, so string comparisons and groupby behave.
 NO_SIDE = ""
 UNKNOWN_VIEW = ""
 
-_SIDE_ALIASES = {"L": Side.L.value, "LEFT": Side.L.value, "R": Side.R.value, "RIGHT": Side.R.value}
-_VIEW_ALIASES = {
-    "CC": View.CC.value,
-    "CRANIO-CAUDAL": View.CC.value,
-    "CRANIOCAUDAL": View.CC.value,
-    "MLO": View.MLO.value,
-    "MEDIO-LATERAL OBLIQUE": View.MLO.value,
-    "MEDIOLATERAL OBLIQUE": View.MLO.value,
-}
-# Views that exist in mammography practice but that no task here uses; an adapter keeps them, tasks filter them.
-OTHER_MAMMO_VIEWS = frozenset({"ML", "LM", "LMO", "XCCL", "XCCM", "FB", "SIO", "ISO", "AT"})
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
-
-
-def normalize_side(value: object) -> str | None:
-    """'L'/'left'/'RIGHT' ... -> 'L' or 'R'; anything else -> None."""
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return None
-    return _SIDE_ALIASES.get(str(value).strip().upper())
-
-
-def normalize_view(value: object) -> str | None:
-    """'CC'/'mlo'/'cranio-caudal' ... -> 'CC' or 'MLO'; other known mammography views upper-cased; else None."""
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return None
-    text = str(value).strip().upper()
-    if text in _VIEW_ALIASES:
-        return _VIEW_ALIASES[text]
-    return text if text in OTHER_MAMMO_VIEWS else None
 
 
 def clean_text(series: pd.Series) -> pd.Series:

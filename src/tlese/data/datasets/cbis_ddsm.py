@@ -8,26 +8,32 @@ when it is missing the single DICOM under the `Mass-Training_P_00001_LEFT_CC` fo
 Labels are per breast: the worst pathology over all abnormalities of the breast (both CSV families, both views)
 is given to each of its images; `image_pathology` keeps the worst per image.
 
-DICOM mode (no CSV): every full-mammogram DICOM below `root`; side and view from the header (falling back to
-the CBIS name `..._P_00173_LEFT_CC`), patient from that name or else the parent folder. No labels.
+DICOM mode (no CSV): every full-mammogram DICOM below `root` (symlinked folders followed); side and view from the
+header (falling back to the CBIS name `..._P_00173_LEFT_CC`), patient from that name or else the parent folder. No
+labels. One bad file never stops the load: a file that is not a readable DICOM, whose header contradicts its case
+name or that says neither side nor view is left out, as are the ROI mask and cropped-image series; each is listed
+with its reason in `table.attrs["skipped"]` (path relative to the root), and a warning gives the count of the bad
+ones.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pandas as pd
-import pydicom
 
 from tlese.data.datasets import register_adapter
-from tlese.data.datasets._common import finish_table, normalize_side, normalize_view, read_label_file
-from tlese.data.io import ImageReadError, check_header_against, read_header
+from tlese.data.datasets._common import finish_table, format_skipped, read_label_file, walk_files
+from tlese.data.io import DICOM_SUFFIXES, ImageReadError, check_header_against, read_header, read_header_and_tags
+from tlese.vocab import side_code, view_code
 
 CSV_PATTERN = "*case_description*.csv"
 CSV_COLUMNS = ("patient_id", "left or right breast", "image view", "pathology", "image file path")
 # Worst first: a breast with any malignant finding is malignant.
 PATHOLOGY_SEVERITY = ("MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK")
+ROI_REASON = "ROI mask or cropped image, not a full mammogram: not used"
 _CBIS_NAME = re.compile(r"(?P<patient>P_\d{5})_(?P<side>LEFT|RIGHT)_(?P<view>CC|MLO)(?P<roi>_\d+)?", re.IGNORECASE)
 
 
@@ -48,7 +54,8 @@ def _resolve_image(root: Path, csv_path: Path, index: int, listed: str) -> Path:
     case_folder = listed.split("/")[0]
     for base in (root, root / "CBIS-DDSM"):
         if (base / case_folder).is_dir():
-            candidates = sorted(path for path in (base / case_folder).rglob("*.dcm") if path.is_file())
+            candidates = [path for path in walk_files(base / case_folder)[0]
+                          if path.suffix.lower() == ".dcm" and path.is_file()]
             if len(candidates) == 1:
                 return candidates[0]
             if len(candidates) > 1:
@@ -64,8 +71,8 @@ def _load_from_csvs(root: Path, csv_paths: list[Path], validate_headers: bool) -
         family = "calc" if csv_path.name.lower().startswith("calc") else "mass"
         split = "test" if "test" in csv_path.name.lower() else "train"
         for index, row in frame.iterrows():
-            side = normalize_side(row["left or right breast"])
-            view = normalize_view(row["image view"])
+            side = side_code(row["left or right breast"])
+            view = view_code(row["image view"])
             if side is None or view is None:
                 raise ValueError(f"{csv_path} row {index + 1}: side {row['left or right breast']!r} / "
                                  f"view {row['image view']!r} not understood")
@@ -90,38 +97,62 @@ def _load_from_csvs(root: Path, csv_paths: list[Path], validate_headers: bool) -
     return table.sort_values(["patient_id", "side", "view"]).reset_index(drop=True)
 
 
-def _is_full_mammogram(dataset: pydicom.Dataset, path: Path) -> bool:
+def _is_full_mammogram(tags: dict[str, str | None], path: Path) -> bool:
     # CBIS stores ROI masks and crops as separate series ("ROI mask images", "cropped images") in `..._CC_1` folders.
-    description = str(dataset.get("SeriesDescription", "")).lower()
+    description = (tags.get("SeriesDescription") or "").lower()
     if description:
         return "full mammogram" in description
-    match = _CBIS_NAME.search(str(dataset.get("PatientID", "")) or path.parent.name)
+    match = _CBIS_NAME.search(tags.get("PatientID") or "") or _CBIS_NAME.search(path.parent.name)
     return not (match and match.group("roi"))
 
 
-def _load_from_dicoms(root: Path) -> pd.DataFrame:
-    files = sorted(path for path in root.rglob("*") if path.suffix.lower() in (".dcm", ".dicom") and path.is_file())
-    if not files:
+class _Skip(Exception):
+    """One file left out of the table, with its reason."""
+
+
+def _dicom_row(path: Path, relative: str) -> dict:
+    """The table row of one full-mammogram DICOM; _Skip (or ImageReadError) says why a file gives none."""
+    header, tags = read_header_and_tags(path, ("PatientID", "SeriesDescription"))
+    if not _is_full_mammogram(tags, path):
+        raise _Skip(ROI_REASON)
+    # CBIS PatientIDs are the dataset's own pseudonymous case names (e.g. Mass-Test_P_00173_LEFT_CC).
+    name = _CBIS_NAME.search(tags.get("PatientID") or "") or _CBIS_NAME.search(relative)
+    name_side = side_code(name.group("side")) if name else None
+    name_view = view_code(name.group("view")) if name else None
+    check_header_against(header, name_view, name_side, path)
+    side, view = header.side or name_side, header.view or name_view
+    if side is None or view is None:
+        raise _Skip("side or view missing from both the header and the CBIS case name")
+    return {"patient_id": name.group("patient").upper() if name else path.parent.name, "side": side, "view": view,
+            "path": str(path.resolve()), "pathology": "", "image_id": path.stem}
+
+
+def _load_from_dicoms(root: Path) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The full-mammogram rows below `root` and the (relative path, reason) of every file left out."""
+    files, skipped = walk_files(root)
+    candidates = [path for path in files if path.suffix.lower() in DICOM_SUFFIXES and path.is_file()]
+    if not candidates:
         raise FileNotFoundError(f"{root}: no case-description CSV and no .dcm files (CBIS-DDSM layout)")
     rows = []
-    for path in files:
-        tags = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "SeriesDescription"])
-        if not _is_full_mammogram(tags, path):
-            continue
-        header = read_header(path)
-        # CBIS PatientIDs are the dataset's own pseudonymous case names (e.g. Mass-Test_P_00173_LEFT_CC).
-        name = _CBIS_NAME.search(str(tags.get("PatientID", ""))) or _CBIS_NAME.search(path.relative_to(root).as_posix())
-        name_side = normalize_side(name.group("side")) if name else None
-        name_view = normalize_view(name.group("view")) if name else None
-        check_header_against(header, name_view, name_side, path)
-        side, view = header.side or name_side, header.view or name_view
-        if side is None or view is None:
-            raise ImageReadError(path, "side or view missing from both the header and the CBIS case name")
-        rows.append({"patient_id": name.group("patient").upper() if name else path.parent.name, "side": side,
-                     "view": view, "path": str(path.resolve()), "pathology": "", "image_id": path.stem})
+    for path in candidates:
+        relative = path.relative_to(root).as_posix()
+        try:
+            rows.append(_dicom_row(path, relative))
+        except ImageReadError as error:
+            skipped.append((relative, error.reason))
+        except _Skip as reason:
+            skipped.append((relative, str(reason)))
+        except Exception as error:  # one unreadable file must not stop the load; report it
+            skipped.append((relative, f"cannot read ({type(error).__name__})"))
+    bad = [entry for entry in skipped if entry[1] != ROI_REASON]
+    if not rows and bad:
+        raise FileNotFoundError(f"{root}: no usable full mammogram DICOM; {format_skipped(bad, limit=5)}")
     if not rows:
         raise FileNotFoundError(f"{root}: only ROI/cropped DICOMs found, no full mammograms")
-    return pd.DataFrame(rows).sort_values(["patient_id", "side", "view"]).reset_index(drop=True)
+    if bad:
+        warnings.warn(f"cbis_ddsm at {root}: {format_skipped(bad, limit=5)}", UserWarning, stacklevel=3)
+    table = pd.DataFrame(rows).sort_values(["patient_id", "side", "view"]).reset_index(drop=True)
+    return table, skipped
 
 
 @register_adapter("cbis_ddsm")
@@ -132,7 +163,8 @@ def load_cbis_ddsm(root: str | Path, mode: str = "auto", csv_files: list[str | P
     mode: "csv" (description CSVs in `root`, or `csv_files`), "dicom" (bare DICOM folder, no labels) or "auto"
     (csv when a `*case_description*.csv` is present). `validate_headers` reads every header to check side/view
     against the CSV (slow on the full set). Columns: contract + pathology (breast level), image_pathology,
-    abnormality_type, n_abnormalities, split, image_id. `label` = pathology.
+    abnormality_type, n_abnormalities, split, image_id. `label` = pathology. DICOM mode lists every file it left
+    out in `attrs["skipped"]` (see the module docstring).
     """
     root = Path(root)
     if not root.is_dir():
@@ -143,7 +175,10 @@ def load_cbis_ddsm(root: str | Path, mode: str = "auto", csv_files: list[str | P
     use_csv = mode == "csv" or (mode == "auto" and csv_paths)
     if use_csv and not csv_paths:
         raise FileNotFoundError(f"{root}: no {CSV_PATTERN} found (mode='csv')")
-    table = _load_from_csvs(root, csv_paths, validate_headers) if use_csv else _load_from_dicoms(root)
+    if use_csv:
+        table, skipped = _load_from_csvs(root, csv_paths, validate_headers), []
+    else:
+        table, skipped = _load_from_dicoms(root)
     return finish_table(table, dataset="cbis_ddsm", modality="mammo", label_column="pathology", source=root,
                         extra_columns=("pathology", "image_pathology", "abnormality_type", "n_abnormalities", "split",
-                                       "image_id"))
+                                       "image_id"), skipped=skipped)

@@ -24,8 +24,9 @@ from pathlib import Path
 import pandas as pd
 
 from tlese.data.datasets import register_adapter
-from tlese.data.datasets._common import finish_table, format_skipped, normalize_side, read_label_file, walk_files
+from tlese.data.datasets._common import finish_table, format_skipped, read_label_file, walk_files
 from tlese.data.io import DICOM_SUFFIXES, ImageReadError, read_header_and_tags
+from tlese.vocab import CMMD_SUBTYPES, side_code
 
 CLINICAL_COLUMNS = ("ID1", "LeftRight", "Age", "number", "abnormality", "classification", "subtype")
 CLINICAL_FILE_NAMES = ("CMMD_clinicaldata_revision.xlsx", "CMMD_clinicaldata_revision.csv", "cmmd_labels.csv")
@@ -33,22 +34,21 @@ CLINICAL_FILE_NAMES = ("CMMD_clinicaldata_revision.xlsx", "CMMD_clinicaldata_rev
 ID1_PATTERN = re.compile(r"^D\d-\d{4}$")
 # Files in a TCIA download that are not images and need no mention (hidden files are ignored too).
 _NOT_IMAGES = {".xlsx", ".xls", ".csv", ".txt", ".md", ".json", ".tcia", ".pdf", ".html", ".xml"}
-SUBTYPES = ("Luminal A", "Luminal B", "HER2-enriched", "triple negative")
 # Spellings seen in CMMD derivatives and papers -> the names used by the clinical file (and by tasks).
 _SUBTYPE_SPELLINGS = {
     re.sub(r"[^a-z0-9]", "", alias.lower()): name
-    for name, aliases in {
-        "Luminal A": ("Luminal A", "luminal_a", "LumA"),
-        "Luminal B": ("Luminal B", "luminal_b", "LumB"),
-        "HER2-enriched": ("HER2-enriched", "HER2 enriched", "HER2", "HER2+"),
-        "triple negative": ("triple negative", "triple-negative", "TNBC", "TN"),
-    }.items()
-    for alias in aliases
+    for name, aliases in zip(CMMD_SUBTYPES, (  # in the order of CMMD_SUBTYPES
+        ("luminal_a", "LumA"),
+        ("luminal_b", "LumB"),
+        ("HER2 enriched", "HER2", "HER2+"),
+        ("triple-negative", "TNBC", "TN"),
+    ))
+    for alias in (name, *aliases)
 }
 _CLASSIFICATIONS = {"benign": "Benign", "malignant": "Malignant"}
 
 
-def normalize_subtype(value: str) -> str:
+def normalise_subtype(value: str) -> str:
     """'luminal_a' / 'TNBC' / 'HER2 enriched' ... -> the clinical file's name; '' stays ''; unknown text unchanged."""
     text = str(value).strip()
     return _SUBTYPE_SPELLINGS.get(re.sub(r"[^a-z0-9]", "", text.lower()), text) if text else ""
@@ -62,9 +62,9 @@ def load_cmmd_labels(path: str | Path) -> pd.DataFrame:
     """
     path = Path(path)
     labels = read_label_file(path, required=CLINICAL_COLUMNS)
-    labels["subtype"] = labels["subtype"].map(normalize_subtype)
+    labels["subtype"] = labels["subtype"].map(normalise_subtype)
     labels["classification"] = labels["classification"].map(lambda text: _CLASSIFICATIONS.get(text.lower(), text))
-    labels["side"] = labels["LeftRight"].map(normalize_side)
+    labels["side"] = labels["LeftRight"].map(side_code)
     bad = labels[labels["side"].isna()]
     if len(bad):
         raise ValueError(f"{path} row {bad.index[0] + 1}: LeftRight {bad['LeftRight'].iloc[0]!r} is not L or R")
@@ -105,7 +105,7 @@ def _patient_of(relative: Path, patient_id: str | None, patients: set[str]) -> s
 def _side_of(path_tags: dict, header, patient: str, known_sides: set[str], clinical_name: str) -> str:
     """The breast an image shows: its laterality tags, which must agree with each other and with the clinical
     rows of the patient; with no tag, the patient's only clinical breast."""
-    tagged = {keyword: normalize_side(path_tags.get(keyword)) for keyword in ("ImageLaterality", "Laterality")}
+    tagged = {keyword: side_code(path_tags.get(keyword)) for keyword in ("ImageLaterality", "Laterality")}
     tagged = {keyword: side for keyword, side in tagged.items() if side}
     if len(set(tagged.values())) > 1:
         said = ", ".join(f"{keyword} says {side}" for keyword, side in tagged.items())

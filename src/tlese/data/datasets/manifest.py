@@ -12,15 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from tlese.data.datasets import register_adapter
-from tlese.data.datasets._common import (
-    NO_SIDE,
-    OTHER_MAMMO_VIEWS,
-    UNKNOWN_VIEW,
-    finish_table,
-    normalize_side,
-    normalize_view,
-    read_label_file,
-)
+from tlese.data.datasets._common import NO_SIDE, UNKNOWN_VIEW, finish_table, read_label_file
+from tlese.vocab import OTHER_VIEWS, View, side_code, view_code
 
 REQUIRED_COLUMNS = ("patient_id", "side", "view", "path")
 DEFAULT_NAME = "manifest.csv"
@@ -34,19 +27,19 @@ def _where(csv_path: Path, index: int) -> str:
 
 def _check_side_view(csv_path: Path, index: int, side: str, view: str, modality: str) -> tuple[str, str]:
     if modality == "cxr":
-        if side not in ("", "L", "R"):
+        if side and side_code(side) is None:
             raise ValueError(f"{_where(csv_path, index)}: side {side!r} must be empty for chest X-rays")
         if view.upper() not in CXR_VIEWS:
             valid = ", ".join(sorted(CXR_VIEWS - {UNKNOWN_VIEW}))
             raise ValueError(f"{_where(csv_path, index)}: view {view!r} is not one of {valid} or empty")
         return NO_SIDE, view.upper()
-    normal_side, normal_view = normalize_side(side), normalize_view(view)
-    if normal_side is None:
+    side_given, code = side_code(side), view_code(view)
+    if side_given is None:
         raise ValueError(f"{_where(csv_path, index)}: side {side!r} is not one of L, R (or LEFT, RIGHT)")
-    if normal_view is None:
-        valid = ["CC", "MLO"] + sorted(OTHER_MAMMO_VIEWS)
+    if code is None:
+        valid = [member.value for member in View] + sorted(OTHER_VIEWS)
         raise ValueError(f"{_where(csv_path, index)}: view {view!r} is not one of {', '.join(valid)}")
-    return normal_side, normal_view
+    return side_given, code
 
 
 @register_adapter("manifest")

@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from tlese.data.datasets import register_adapter
-from tlese.data.datasets._common import finish_table, normalize_side, normalize_view, read_label_file
+from tlese.data.datasets._common import finish_table, read_label_file
+from tlese.vocab import side_code, view_code
 
 ANNOTATIONS = "breast-level_annotations.csv"
 REQUIRED_COLUMNS = ("study_id", "image_id", "laterality", "view_position", "breast_birads", "breast_density")
@@ -44,7 +45,7 @@ def load_vindr(
     sides, views, paths = [], [], []
     for index, row in enumerate(frame.itertuples(index=False)):
         where = f"{csv_path} row {index + 1} (image {row.image_id})"
-        side, view = normalize_side(row.laterality), normalize_view(row.view_position)
+        side, view = side_code(row.laterality), view_code(row.view_position)
         if side is None:
             raise ValueError(f"{where}: laterality {row.laterality!r} is not L or R")
         if view is None:
