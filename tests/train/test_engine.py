@@ -193,3 +193,13 @@ def test_ctrl_c_says_what_was_saved(tmp_path):
                    extra_callbacks=[CtrlC()])
     assert caught.value.last_checkpoint == tmp_path / "checkpoints" / "last.ckpt"
     assert "last checkpoint" in str(caught.value)
+
+
+def test_logs_without_a_terminal_get_one_complete_line_per_epoch(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="tlese.train.engine"):
+        engine.fit(tiny_model(), Blobs(32, 0), Blobs(8, 1), recipe(epochs=2), tmp_path / "stage", num_classes=2, seed=0)
+    lines = [record.getMessage() for record in caplog.records if "stage epoch " in record.getMessage()]
+    assert len(lines) == 2 and "stage epoch 1/2: " in lines[0]
+    assert all("train_loss" in line and "val_loss" in line and "val_acc" in line for line in lines), lines

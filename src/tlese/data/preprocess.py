@@ -339,6 +339,8 @@ class Sample:
     facing: str | None = None
     flipped: bool = False
     resized: bool = False
+    resized_shape: tuple[int, int] | None = None  # (height, width) after Resize, before Pad
+    pad_offset: tuple[int, int] | None = None  # (top, left) of the resized image on Pad's canvas
 
     def __post_init__(self):
         _check_2d(self.pixels)
@@ -356,7 +358,13 @@ class Sample:
 
     def info(self) -> dict:
         """What preprocessing found: facing, flipped and crop_box (see `preprocess_with_info`)."""
-        return {"facing": self.facing, "flipped": bool(self.flipped), "crop_box": tuple(self.crop_box)}
+        info = {"facing": self.facing, "flipped": bool(self.flipped), "crop_box": tuple(self.crop_box)}
+        # The geometry that maps a model-input pixel back to the original image (heatmaps at prediction time).
+        if self.resized_shape is not None:
+            info["resized_shape"] = tuple(self.resized_shape)
+        if self.pad_offset is not None:
+            info["pad_offset"] = tuple(self.pad_offset)
+        return info
 
     def require_mask(self, step: str, full_resolution: bool = False) -> np.ndarray:
         """The breast mask, or ValueError saying `step` needs FindBreast (and Resize, for `full_resolution`) first."""
@@ -482,7 +490,8 @@ class Resize(Step):
         shape = _fit(sample.pixels.shape, self.size) if self.keep_aspect else (self.size, self.size)
         resized = _resize(sample.pixels, *shape)
         mask = None if sample.mask is None else _resize(sample.mask.astype(np.float32), *resized.shape) > 0.5
-        return sample.replace(pixels=resized, mask=mask, mask_stride=1, resized=True)
+        return sample.replace(pixels=resized, mask=mask, mask_stride=1, resized=True,
+                              resized_shape=tuple(resized.shape))
 
 
 @dataclass(frozen=True)
@@ -572,7 +581,9 @@ class Pad(Step):
         mask = None
         if sample.mask is not None and sample.mask.shape == sample.pixels.shape:
             mask = _pad(sample.mask.astype(np.float32), self.size, self.anchor) > 0.5
-        return sample.replace(pixels=_pad(sample.pixels, self.size, self.anchor), mask=mask)
+        top = (self.size - height) // 2
+        left = 0 if self.anchor == "left" else (self.size - width) // 2  # as _pad places it
+        return sample.replace(pixels=_pad(sample.pixels, self.size, self.anchor), mask=mask, pad_offset=(top, left))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -144,8 +144,24 @@ def cmd_demo(args) -> int:
     experiment = load_experiment(demo_config_path(), overrides)
     run_dir = run_cv(experiment)
     report = merge_run(run_dir)
-    print(f"\ndemo finished in {time.time() - started:.0f} s\nreport: {report['html']}\nmarkdown: {report['md']}")
+    bundle = _demo_bundle(run_dir, experiment.arms[0].name, out / "bundle")
+    command = f"tlese predict {bundle} {paths['mammo_root']} --out {out / 'predictions'}"
+    print(f"\ndemo finished in {time.time() - started:.0f} s\nreport: {report['html']}\nmarkdown: {report['md']}\n"
+          f"bundle of {experiment.arms[0].name}: {bundle}\nrun it on the synthetic DICOMs with:\n  {command}")
     return 0
+
+
+def _demo_bundle(run_dir: Path, arm: str, path: Path) -> Path:
+    """The demo's bundle, made once: a rerun reuses it while it still loads (checksums and self-check pass)."""
+    from tlese.serve.bundle import BundleError, load_bundle, make_bundle  # serving builds on train, not the reverse
+
+    if path.exists():
+        try:
+            load_bundle(path)
+            return path
+        except BundleError as error:
+            raise ValueError(f"{path}: not a usable bundle ({error}); delete it to make it again") from None
+    return make_bundle(run_dir, arm, path)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

@@ -217,8 +217,10 @@ class _EpochLog(pl.Callback):
     def __init__(self, name: str):
         self.name = name
 
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking or not trainer.is_global_zero:
+    def on_train_epoch_end(self, trainer, pl_module):
+        # Here (not at validation end, where callbacks run before the module logs) both this epoch's training loss
+        # and its validation metrics are in callback_metrics.
+        if not trainer.is_global_zero:
             return
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
                    if key in ("train_loss", "val_loss", "val_acc", "val_auc")}

@@ -37,6 +37,16 @@ ROI_REASON = "ROI mask or cropped image, not a full mammogram: not used"
 _CBIS_NAME = re.compile(r"(?P<patient>P_\d{5})_(?P<side>LEFT|RIGHT)_(?P<view>CC|MLO)(?P<roi>_\d+)?", re.IGNORECASE)
 
 
+def cbis_case(text: str | None) -> dict | None:
+    """The CBIS-DDSM case a PatientID or folder name such as `Mass-Test_P_00173_LEFT_CC` names: patient, side,
+    view, and whether it is an ROI mask / crop series; None when the text does not follow the pattern."""
+    match = _CBIS_NAME.search(text or "")
+    if match is None:
+        return None
+    return {"patient": match.group("patient").upper(), "side": side_code(match.group("side")),
+            "view": view_code(match.group("view")), "roi": bool(match.group("roi"))}
+
+
 def worst_pathology(values) -> str:
     """MALIGNANT > BENIGN > BENIGN_WITHOUT_CALLBACK; unknown strings rank last, '' only if nothing else."""
     present = {str(value).strip().upper() for value in values} - {""}

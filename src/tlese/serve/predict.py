@@ -1,0 +1,725 @@
+"""`tlese predict BUNDLE INPUT... --out DIR`: per-breast predictions of a model bundle, with a verdict for each breast.
+
+Inputs (`tlese.serve.inputs`): DICOM files, folders, zip archives, manifest CSVs for PNG / JPEG; grouped into breasts
+by the header tags (never file names). Every image goes through `tlese.data.preprocess.prepare_file` with the
+bundle's preprocessing parameters: the code that prepared the training images.
+
+Verdicts, one per breast, each with its reasons:
+
+- `ok`: a usable CC and a usable MLO image (reasons may still note images not used, e.g. a FOR PROCESSING copy).
+- `degraded`: one view missing or unusable: predicted from the view present, duplicated into both view slots of a
+  dual-view model (how cross-validation measured single-view breasts), flagged.
+- `refused`: no usable CC or MLO image (Modality not MG, FOR PROCESSING, unreadable or truncated pixels, no breast
+  found, an image smaller than the model's input, ...), or an image whose content faces the other side than its
+  laterality tag says (then the whole breast is refused: its labels cannot be trusted).
+
+Files that are no image at all are listed as refused inputs. One bad file never stops the batch.
+
+Outputs under `out_dir`: `breasts/<exam key>.json` per breast (written atomically as each is done; a rerun skips
+those made from the same input files and bundle), then `predictions.csv`, `predictions.json` and
+`refused_inputs.csv`; with `heatmaps`, `heatmaps/<exam key>_<view>.png` (overlay) and `..._map.png` (the map alone,
+16-bit, the original image's shape); with `sr`, `sr/<study key>.dcm` per study; with `link_file`, a CSV from exam key
+to StudyInstanceUID / AccessionNumber. The exam key is an HMAC-SHA256 of StudyInstanceUID + side (or the manifest's or
+CBIS-DDSM patient + side) with a salt given or generated once into `out_dir/.salt`. No output but the SR files and the
+link file carries a patient name, ID, birth date, accession number or UID; nothing is printed or logged from a header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import hmac
+import io
+import json
+import logging
+import os
+import secrets
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlese.data.io import ImageReadError
+from tlese.data.preprocess import PreprocessParams, prepare_file
+from tlese.serve.inputs import Breast, ImageInput, InputSet, collect_inputs, safe_reason
+from tlese.vocab import DUAL_VIEW_ORDER, View
+
+log = logging.getLogger(__name__)
+
+RESULT_VERSION = 1
+BREASTS_DIR, HEATMAPS_DIR, SR_DIR = "breasts", "heatmaps", "sr"
+SALT_FILE = ".salt"
+KEY_HEX = 16  # 64 bits of the HMAC name an exam key
+OVERLAY_SENTENCE = "Grad-CAM shows where the model looked for this prediction; it is not a tumour outline."
+DEFAULT_INTENDED_USE = "research use only - not for diagnostic use"
+RUNTIMES = ("torch", "onnx")
+CHUNK = 8  # breasts prepared and predicted together; at most this many are recomputed after an interruption
+
+
+@dataclass
+class Summary:
+    """What a `predict` run did: breast counts by verdict, reasons counted, refused inputs, files written."""
+
+    out_dir: Path
+    ok: int = 0
+    degraded: int = 0
+    refused: int = 0
+    computed: int = 0
+    resumed: int = 0
+    reasons: dict[str, dict[str, int]] = field(default_factory=dict)  # verdict -> reason -> breasts
+    refused_inputs: list[dict] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def breasts(self) -> int:
+        return self.ok + self.degraded + self.refused
+
+    def to_dict(self) -> dict:
+        return {"breasts": self.breasts, "ok": self.ok, "degraded": self.degraded, "refused": self.refused,
+                "computed": self.computed, "resumed": self.resumed, "reasons": self.reasons,
+                "refused_inputs": len(self.refused_inputs), "files": self.files, "notes": self.notes}
+
+    def lines(self) -> list[str]:
+        """A short human summary (no identifiers: exam keys and counts only)."""
+        out = [f"{self.breasts} breasts: {self.ok} ok, {self.degraded} degraded, {self.refused} refused "
+               f"({self.computed} computed, {self.resumed} kept from an earlier run); "
+               f"{len(self.refused_inputs)} input(s) refused"]
+        for verdict in ("degraded", "refused"):
+            for reason, count in sorted(self.reasons.get(verdict, {}).items(), key=lambda kv: -kv[1])[:10]:
+                out.append(f"  {verdict}: {count} x {reason}")
+        for entry in self.refused_inputs[:10]:
+            out.append(f"  refused input {entry['input']}: {entry['reason']}")
+        if len(self.refused_inputs) > 10:
+            out.append(f"  ... and {len(self.refused_inputs) - 10} more refused inputs (refused_inputs.csv)")
+        out += [f"  note: {note}" for note in self.notes]
+        out += [f"{name}: {path}" for name, path in self.files.items() if name in ("predictions_csv", "link_file")]
+        return out
+
+
+@dataclass
+class _Prepared:
+    """One breast on its way: verdict so far, reasons, the images used per view (image, model input, info)."""
+
+    breast: Breast
+    key: str
+    cache_key: str
+    verdict: str = "ok"
+    reasons: list[str] = field(default_factory=list)
+    used: dict[str, tuple[ImageInput, np.ndarray, dict]] = field(default_factory=dict)
+    not_used: dict[str, str] = field(default_factory=dict)  # image sha256 -> why
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The entry point
+
+
+def predict(bundle: Any, inputs: Sequence[str | Path], out_dir: str | Path, *, salt: str | None = None,
+            link_file: str | Path | None = None, heatmaps: bool = False, sr: bool = False,
+            runtime: str = "torch") -> Summary:
+    """Predict every breast found in `inputs` with `bundle` (see `tlese.serve.bundle.load_bundle`) into `out_dir`.
+
+    salt: secret for the exam keys (default: `out_dir/.salt`, generated on the first run). link_file: where to write
+    the identifying exam key -> StudyInstanceUID / AccessionNumber CSV (opt in). heatmaps: Grad-CAM overlays of the
+    predicted class per view, averaged over the fold models. sr: one DICOM SR per study. runtime: "torch" ("onnx"
+    when `tlese.serve.export.OnnxModel` is available).
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if bundle.views not in ("dual", "single"):
+        raise ValueError(f"bundle views must be 'dual' or 'single', got {bundle.views!r}")
+    with tempfile.TemporaryDirectory(prefix="tlese-predict-") as workdir:
+        predict_arrays = _runtime(bundle, runtime, Path(workdir))
+        return _predict(bundle, predict_arrays, inputs, Path(out_dir), salt=salt, link_file=link_file,
+                        heatmaps=heatmaps, sr=sr)
+
+
+def _predict(bundle: Any, predict_arrays, inputs: Sequence[str | Path], out_dir: Path, *, salt: str | None,
+             link_file: str | Path | None, heatmaps: bool, sr: bool) -> Summary:
+    params: PreprocessParams = bundle.preprocess
+    (out_dir / BREASTS_DIR).mkdir(parents=True, exist_ok=True)
+    key_salt = _salt(out_dir, salt)
+    summary = Summary(out_dir=out_dir)
+    results: dict[str, dict] = {}
+    with collect_inputs(inputs) as found:
+        summary.refused_inputs = [entry.to_dict() for entry in found.refused]
+        todo: list[_Prepared] = []
+        for breast in found.breasts:
+            key = exam_key(key_salt, breast.key_material)
+            cache = _cache_key(key, breast, bundle.sha256)
+            previous = _load_previous(out_dir / BREASTS_DIR / f"{key}.json", cache, heatmaps)
+            if previous is not None:
+                results[key] = previous
+                summary.resumed += 1
+            else:
+                todo.append(_Prepared(breast=breast, key=key, cache_key=cache))
+        for start in range(0, len(todo), CHUNK):
+            chunk = todo[start: start + CHUNK]
+            for item in chunk:
+                _prepare_breast(item, bundle, params)
+            _predict_chunk(chunk, bundle, predict_arrays, results, out_dir, heatmaps)
+            summary.computed += len(chunk)
+        if sr:
+            summary.files.update(_write_srs(found, results, bundle, out_dir, key_salt, summary))
+        if link_file is not None:
+            summary.files["link_file"] = str(_write_link_file(Path(link_file), found, key_salt))
+    for result in results.values():
+        setattr(summary, result["verdict"], getattr(summary, result["verdict"]) + 1)
+        if result["verdict"] != "ok":
+            counts = summary.reasons.setdefault(result["verdict"], {})
+            for reason in result["reasons"]:
+                counts[reason] = counts.get(reason, 0) + 1
+    summary.files.update(_write_aggregates(out_dir, results, bundle, summary))
+    log.info("predict: %d breasts (%d ok, %d degraded, %d refused), %d inputs refused", summary.breasts, summary.ok,
+             summary.degraded, summary.refused, len(summary.refused_inputs))
+    return summary
+
+
+def exam_key(salt: str, material: str) -> str:
+    """The pseudonymous key of a breast: HMAC-SHA256 of `material` (StudyInstanceUID + side, ...) under `salt`."""
+    return hmac.new(salt.encode(), material.encode(), hashlib.sha256).hexdigest()[:KEY_HEX]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One breast: choose and prepare its images, decide its verdict
+
+
+def _prepare_breast(item: _Prepared, bundle: Any, params: PreprocessParams) -> None:
+    breast = item.breast
+    identifiers = breast.identifiers
+    item.reasons += breast.notes
+    contradicted = False
+    for view in DUAL_VIEW_ORDER:
+        candidates = breast.candidates(view)
+        failures = []
+        for image in candidates:
+            problems = list(image.problems) + _bundle_problems(bundle, image)
+            if problems:
+                why = "; ".join(problems)
+                item.not_used[image.sha256] = why
+                failures.append(f"{view} image not used: {why}")
+                continue
+            try:
+                array, info = prepare_file(image.path, image.side, image.view, params)
+            except ImageReadError as error:
+                why = safe_reason(error.reason, identifiers)
+                if why.startswith(("DICOM has no image", "DICOM has no Pixel Data")):
+                    # its header read (Rows, Columns) before: the file ends early (pydicom then returns a partial
+                    # dataset, which the data layer reports as having no image)
+                    why = "truncated DICOM: the header reads but the pixel data is cut short or corrupt"
+                item.not_used[image.sha256] = why
+                failures.append(f"{view} image not used: {why}")
+                continue
+            except Exception as error:  # one bad image never stops the batch
+                why = f"preprocessing failed ({type(error).__name__})"
+                item.not_used[image.sha256] = why
+                failures.append(f"{view} image not used: {why}")
+                continue
+            facing = info.get("facing")
+            if facing is not None and facing != image.side:
+                contradicted = True
+                item.not_used[image.sha256] = "laterality contradicted by the image"
+                failures.append(f"{view} image: laterality contradicted by the image (the breast in it faces "
+                                f"{facing}, its laterality says {image.side})")
+                continue
+            item.used[view.value] = (image, array, info)
+            break
+        if view.value in item.used:
+            if failures:
+                item.reasons += failures
+            extra = [image for image in candidates if image is not item.used[view.value][0]
+                     and image.sha256 not in item.not_used]
+            for image in extra:
+                item.not_used[image.sha256] = f"another {view} image of this breast was used"
+            if extra:
+                item.reasons.append(f"{len(candidates)} {view} images: the first usable one was used")
+        else:
+            item.reasons += failures
+    others = Counter(image.view or "no view" for image in breast.images
+                     if image.view not in (View.CC.value, View.MLO.value))
+    for image in breast.images:
+        if image.view not in (View.CC.value, View.MLO.value):
+            item.not_used[image.sha256] = "not a CC or MLO view"
+    if others:
+        listed = ", ".join(f"{count} {view}" for view, count in sorted(others.items()))
+        item.reasons.append(f"images of other views not used: {listed}")
+    if contradicted:
+        item.verdict = "refused"
+        item.used.clear()
+        item.reasons.append("laterality contradicted by the image: this breast's labels cannot be trusted")
+    elif not item.used:
+        item.verdict = "refused"
+        item.reasons.append("no usable CC or MLO image")
+    elif len(item.used) == 1:
+        (present,) = item.used
+        missing = next(view.value for view in DUAL_VIEW_ORDER if view.value != present)
+        item.verdict = "degraded"
+        how = ("duplicated into both view slots, as cross-validation measured single-view breasts"
+               if bundle.views == "dual" else "the single-view model on that image alone")
+        item.reasons.append(f"{missing} view missing: predicted from the {present} view alone ({how})")
+
+
+def _bundle_problems(bundle: Any, image: ImageInput) -> list[str]:
+    """What the bundle detectably was not trained for: an image smaller than the model's input; a bit depth or
+    source format outside those its card lists (card["inputs"]["bits_stored"] / ["source_formats"], when given)."""
+    header, problems = image.header, []
+    size = int(bundle.preprocess.size)
+    if max(header.rows, header.cols) < size:
+        problems.append(f"image ({header.rows} x {header.cols}) smaller than the model's input ({size} x {size})")
+    card_inputs = (getattr(bundle, "card", None) or {}).get("inputs") or {}
+    bits = card_inputs.get("bits_stored")
+    if bits and int(header.bits_stored) not in {int(b) for b in bits}:
+        problems.append(f"bit depth {header.bits_stored} not among those the bundle was trained on {sorted(bits)}")
+    formats = card_inputs.get("source_formats")
+    if formats and header.source_format not in formats:
+        problems.append(f"{header.source_format} images not among those the bundle was trained on")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prediction and results
+
+
+def _predict_chunk(chunk: list[_Prepared], bundle: Any, predict_arrays, results: dict, out_dir: Path,
+                   heatmaps: bool) -> None:
+    live = [item for item in chunk if item.verdict != "refused"]
+    outputs: dict[str, dict] = {}
+    if live:
+        x, owners = _model_input(live, bundle.views)
+        arrays = {name: _numpy(value) for name, value in predict_arrays(x).items()}
+        for index, item in enumerate(live):
+            rows = [row for row, owner in enumerate(owners) if owner == index]
+            outputs[item.key] = {
+                "raw": arrays["raw"][rows].mean(axis=0), "calibrated": arrays["calibrated"][rows].mean(axis=0),
+                "per_model": arrays["per_model"][:, rows].mean(axis=1),
+                "disagreement": float(np.mean(arrays["disagreement"][rows])),
+                "x": x[rows],
+            }
+    for item in chunk:
+        result = _result(item, bundle, outputs.get(item.key))
+        if heatmaps and item.key in outputs:
+            try:
+                result["heatmaps"] = _heatmaps(item, bundle, outputs[item.key]["x"], result, out_dir)
+            except Exception as error:  # a map that fails never costs the prediction
+                result["heatmaps"] = {}
+                result["reasons"].append(f"heatmap not made ({type(error).__name__})")
+        elif heatmaps:
+            result["heatmaps"] = {}
+        _write_json_atomic(out_dir / BREASTS_DIR / f"{item.key}.json", result)
+        results[item.key] = result
+
+
+def _model_input(live: list[_Prepared], views: str) -> tuple[np.ndarray, list[int]]:
+    """(B, 2, 1, H, W) for a dual-view bundle (a missing view duplicated), or (N, 1, H, W) with one row per used image
+    for a single-view one; plus which breast each row belongs to."""
+    rows, owners = [], []
+    for index, item in enumerate(live):
+        arrays = {view: array for view, (_, array, _) in item.used.items()}
+        if views == "dual":
+            present = next(iter(arrays.values()))
+            rows.append(np.stack([arrays.get(view.value, present)[None] for view in DUAL_VIEW_ORDER]))
+            owners.append(index)
+        else:
+            for view in DUAL_VIEW_ORDER:
+                if view.value in arrays:
+                    rows.append(arrays[view.value][None])
+                    owners.append(index)
+    return np.ascontiguousarray(np.stack(rows), dtype=np.float32), owners
+
+
+def _result(item: _Prepared, bundle: Any, output: dict | None) -> dict:
+    classes = list(bundle.class_names)
+    used_views = [view.value for view in DUAL_VIEW_ORDER if view.value in item.used]
+    images = []
+    for image in item.breast.images:
+        entry = {"view": image.view, "sha256": image.sha256, "used": image.sha256 in
+                 {used.sha256 for used, _, _ in item.used.values()}, "rows": image.header.rows,
+                 "cols": image.header.cols, "bits_stored": image.header.bits_stored,
+                 "format": image.header.source_format}
+        if not entry["used"] and image.sha256 in item.not_used:
+            entry["not_used_because"] = item.not_used[image.sha256]
+        if entry["used"]:
+            info = item.used[image.view][2]
+            entry.update(facing=info.get("facing"), flipped=bool(info.get("flipped")))
+        images.append(entry)
+    result = {
+        "version": RESULT_VERSION, "exam_key": item.key, "side": item.breast.side, "verdict": item.verdict,
+        "reasons": list(dict.fromkeys(item.reasons)), "views_used": used_views,
+        "view_slots": ([view.value if view.value in item.used else used_views[0] for view in DUAL_VIEW_ORDER]
+                       if used_views and bundle.views == "dual" else used_views),
+        "predicted": None, "probabilities": None, "raw_probabilities": None, "per_model_probabilities": None,
+        "disagreement": None, "source": item.breast.images[0].source, "images": images,
+        "bundle_sha256": bundle.sha256, "input_sha256": sorted(image.sha256 for image in item.breast.images),
+        "cache_key": item.cache_key,
+    }
+    if output is not None:
+        calibrated = [float(p) for p in output["calibrated"]]
+        result.update(
+            predicted=classes[int(np.argmax(calibrated))],
+            probabilities=dict(zip(classes, calibrated)),
+            raw_probabilities=dict(zip(classes, (float(p) for p in output["raw"]))),
+            per_model_probabilities=[dict(zip(classes, (float(p) for p in row))) for row in output["per_model"]],
+            disagreement=output["disagreement"],
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grad-CAM heatmaps in the original image's geometry
+
+
+def _heatmaps(item: _Prepared, bundle: Any, x: np.ndarray, result: dict, out_dir: Path) -> dict:
+    """Grad-CAM of the predicted class on every fold model, averaged (each model's map scaled to [0, 1] over the
+    breast first, the mean scaled again), per used view, mapped back onto the original image; PNG overlay (original
+    beside overlay, with OVERLAY_SENTENCE) and the map alone (16-bit PNG, the original's shape)."""
+    import torch
+
+    from tlese.evaluate.explain import grad_cam, save_overlay
+
+    class_index = list(bundle.class_names).index(result["predicted"])
+    tensor = torch.from_numpy(np.ascontiguousarray(x))
+    maps = []
+    for model in bundle.models:
+        cam, _ = grad_cam(model, tensor, class_index)
+        maps.append(cam.numpy())
+    mean = np.mean(maps, axis=0)
+    peak = float(mean.max())
+    mean = mean / peak if peak > 1e-12 else np.zeros_like(mean)
+    per_view: dict[str, np.ndarray] = {}
+    if bundle.views == "dual":  # (1, 2, H, W): a duplicated view looked at through both slots, so both count
+        slots = mean[0]
+        for view in item.used:
+            indices = [i for i, slot in enumerate(result["view_slots"]) if slot == view]
+            per_view[view] = slots[indices].mean(axis=0)
+    else:  # (V, H, W), rows in DUAL_VIEW_ORDER of the used views
+        for row, view in enumerate(result["views_used"]):
+            per_view[view] = mean[row]
+    written = {}
+    folder = out_dir / HEATMAPS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for view, cam in per_view.items():
+        image, _, info = item.used[view]
+        original, full = _original_and_map(image, cam, info, bundle.preprocess)
+        map_path = folder / f"{item.key}_{view}_map.png"
+        _save_png16(full, map_path)
+        display, display_map = _downscale(original), _downscale(full)
+        overlay_path = folder / f"{item.key}_{view}.png"
+        title = f"{item.breast.side} {view}, predicted {result['predicted']}.\n{OVERLAY_SENTENCE}"
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".png", delete=False) as handle:
+            temporary = Path(handle.name)
+        save_overlay(display, display_map, temporary, title=title, view_names=[f"{item.breast.side} {view}"])
+        os.replace(temporary, overlay_path)
+        written[view] = {"overlay": overlay_path.relative_to(out_dir).as_posix(),
+                         "map": map_path.relative_to(out_dir).as_posix(), "shape": list(full.shape)}
+    return written
+
+
+def map_to_original(cam: np.ndarray, info: dict, params: PreprocessParams, shape: tuple[int, int]) -> np.ndarray:
+    """A (size, size) map in model-input geometry -> the original image's (rows, cols): the padding removed, the
+    orientation flip undone, the resize undone onto the crop box, zero outside the crop box.
+
+    Uses what prepare_file's steps recorded in `info`: "crop_box", "resized_shape", "flipped", "pad_offset" (the
+    geometry is never recomputed here, so it cannot drift from preprocessing).
+    """
+    import torch
+
+    r0, r1, c0, c1 = (int(v) for v in info["crop_box"])
+    crop_h, crop_w = r1 - r0, c1 - c0
+    height, width = (int(v) for v in info["resized_shape"])
+    top, left = (int(v) for v in info["pad_offset"])
+    region = np.asarray(cam, dtype=np.float32)[top: top + height, left: left + width]
+    if info.get("flipped"):
+        region = region[:, ::-1]
+    resized = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(region))[None, None],
+                                              size=(crop_h, crop_w), mode="bilinear", align_corners=False)[0, 0]
+    out = np.zeros(shape, dtype=np.float32)
+    out[r0:r1, c0:c1] = np.clip(resized.numpy(), 0.0, 1.0)
+    return out
+
+
+def _original_and_map(image: ImageInput, cam: np.ndarray, info: dict, params: PreprocessParams):
+    from tlese.data.io import read_image
+    from tlese.data.preprocess import normalise_intensity
+
+    pixels, _ = read_image(image.path)
+    full = map_to_original(cam, info, params, pixels.shape)
+    return normalise_intensity(pixels, None), full
+
+
+def _downscale(array: np.ndarray, longest: int = 768) -> np.ndarray:
+    import torch
+
+    height, width = array.shape
+    scale = longest / max(height, width)
+    if scale >= 1:
+        return array
+    shape = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(array))[None, None], size=shape,
+                                           mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
+
+
+def _save_png16(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    data = np.round(np.clip(array, 0.0, 1.0) * 65535).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(data).save(buffer, format="PNG")
+    _write_bytes_atomic(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DICOM SR, link file, aggregates
+
+
+def _write_srs(found: InputSet, results: dict, bundle: Any, out_dir: Path, salt: str, summary: Summary) -> dict:
+    """One SR per study among the DICOM breasts (a CBIS-DDSM breast, one study per view, is reported in each of
+    its studies with that study's image), written with `tlese.serve.sr.write_sr`."""
+    import tlese
+    from tlese.serve.sr import write_sr
+
+    studies: dict[str, list[tuple[str, Breast]]] = {}
+    for breast in found.breasts:
+        key = exam_key(salt, breast.key_material)
+        for uid in dict.fromkeys(image.study_uid for image in breast.images if image.source == "dicom"):
+            if uid:
+                studies.setdefault(uid, []).append((key, breast))
+    skipped = sum(1 for breast in found.breasts if all(image.source != "dicom" for image in breast.images))
+    if skipped:
+        summary.notes.append(f"no SR for {skipped} breast(s) without DICOM images (manifest PNG/JPEG)")
+    card = getattr(bundle, "card", None) or {}
+    model = getattr(bundle, "model_name", None) or (card.get("model") or {}).get("registry_name") or ""
+    algorithm = {"name": "tlese", "version": tlese.__version__, "bundle_sha256": bundle.sha256, "model": str(model)}
+    intended_use = str(getattr(bundle, "intended_use", None) or card.get("intended_use") or DEFAULT_INTENDED_USE)
+    written, failed = {}, 0
+    for uid, members in studies.items():
+        sources, breast_results = [], []
+        for key, breast in members:
+            result = results[key]
+            in_study = [image for image in breast.images if image.study_uid == uid]
+            used = {entry["sha256"] for entry in result["images"] if entry["used"]}
+            used_here = [image for image in in_study if image.sha256 in used]
+            sources += used_here
+            breast_results.append({
+                "side": breast.side, "verdict": result["verdict"], "reasons": result["reasons"],
+                "probabilities": result["probabilities"], "predicted": result["predicted"],
+                "sop_instance_uids": [image.tags["SOPInstanceUID"] for image in used_here
+                                      if image.tags.get("SOPInstanceUID")],
+            })
+        if not sources:  # every breast of the study refused: its readable images are the evidence looked at
+            sources = [image for _, breast in members for image in breast.images if image.study_uid == uid]
+        study_key = exam_key(salt, f"study|{uid}")
+        path = out_dir / SR_DIR / f"{study_key}.dcm"
+        try:
+            write_sr([image.path for image in sources], breast_results, algorithm, path, intended_use)
+            written[f"sr_{study_key}"] = str(path)
+        except Exception:  # an SR that cannot be written never costs the predictions; no detail (may quote tags)
+            failed += 1
+    if failed:
+        summary.notes.append(f"{failed} SR(s) could not be written")
+    return written
+
+
+def _write_link_file(path: Path, found: InputSet, salt: str) -> Path:
+    """exam_key, side, study_instance_uid, accession_number, patient (manifest / CBIS-DDSM keys), inputs."""
+    rows = []
+    for breast in found.breasts:
+        uids = list(dict.fromkeys(image.study_uid for image in breast.images if image.study_uid))
+        accessions = list(dict.fromkeys(image.tags.get("AccessionNumber") for image in breast.images
+                                        if image.tags.get("AccessionNumber")))
+        kind, value = breast.group
+        rows.append({"exam_key": exam_key(salt, breast.key_material), "side": breast.side,
+                     "study_instance_uid": ";".join(uids), "accession_number": ";".join(accessions),
+                     "patient": value if kind in ("manifest", "cbis") else "",
+                     "inputs": ";".join(image.label for image in breast.images)})
+    columns = ["exam_key", "side", "study_instance_uid", "accession_number", "patient", "inputs"]
+    _write_bytes_atomic(path, _csv_bytes(rows, columns), mode=0o600)
+    return path
+
+
+def _write_aggregates(out_dir: Path, results: dict, bundle: Any, summary: Summary) -> dict:
+    classes = list(bundle.class_names)
+    ordered = [results[key] for key in sorted(results, key=lambda k: (results[k]["verdict"] == "refused", k))]
+    columns = (["exam_key", "side", "verdict", "predicted"] + [f"prob_{c}" for c in classes]
+               + [f"raw_prob_{c}" for c in classes] + ["disagreement", "views_used", "reasons", "bundle_sha256"])
+    rows = []
+    for result in ordered:
+        row = {"exam_key": result["exam_key"], "side": result["side"], "verdict": result["verdict"],
+               "predicted": result["predicted"] or "", "disagreement": "" if result["disagreement"] is None
+               else result["disagreement"], "views_used": "+".join(result["views_used"]),
+               "reasons": "; ".join(result["reasons"]), "bundle_sha256": result["bundle_sha256"]}
+        for name in classes:
+            row[f"prob_{name}"] = "" if result["probabilities"] is None else result["probabilities"][name]
+            row[f"raw_prob_{name}"] = "" if result["raw_probabilities"] is None else result["raw_probabilities"][name]
+        rows.append(row)
+    files = {"predictions_csv": out_dir / "predictions.csv", "predictions_json": out_dir / "predictions.json",
+             "refused_inputs_csv": out_dir / "refused_inputs.csv"}
+    _write_bytes_atomic(files["predictions_csv"], _csv_bytes(rows, columns))
+    _write_bytes_atomic(files["refused_inputs_csv"], _csv_bytes(summary.refused_inputs, ["input", "reason"]))
+    document = {"version": RESULT_VERSION,
+                "bundle": {"sha256": bundle.sha256, "class_names": classes, "views": bundle.views,
+                           "image_size": int(bundle.preprocess.size)},
+                "summary": {**summary.to_dict(), "files": {k: str(v) for k, v in {**summary.files, **files}.items()}},
+                "breasts": {result["exam_key"]: result for result in ordered},
+                "refused_inputs": summary.refused_inputs}
+    _write_json_atomic(files["predictions_json"], document)
+    return {name: str(path) for name, path in files.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _runtime(bundle: Any, runtime: str, workdir: Path | None = None):
+    """The function giving `predict_arrays`' dict for a model input: the bundle's own (torch), or the same
+    ensemble run under ONNX Runtime, each fold model exported to `workdir` (`tlese.serve.export`)."""
+    if runtime == "torch":
+        return bundle.predict_arrays
+    try:
+        from tlese.serve.export import OnnxModel, export_onnx
+    except ImportError:
+        raise ValueError("runtime 'onnx' is not available in this version: use runtime 'torch'") from None
+    from tlese.serve.calibration import apply_temperature
+
+    sessions = []
+    for index, model in enumerate(bundle.models):
+        path = export_onnx(model, Path(workdir) / f"model_{index}.onnx", image_size=int(bundle.preprocess.size),
+                           views=bundle.views)
+        sessions.append(OnnxModel(path))
+
+    def predict_arrays(x: np.ndarray) -> dict[str, np.ndarray]:
+        # The ensemble as Bundle.predict_arrays combines it: mean softmax, temperature on the mean, disagreement =
+        # max over classes of the std over models.
+        logits = np.stack([session(np.ascontiguousarray(x, dtype=np.float32)) for session in sessions])
+        logits = logits.astype(np.float64) - logits.max(axis=2, keepdims=True)
+        per_model = np.exp(logits) / np.exp(logits).sum(axis=2, keepdims=True)
+        raw = per_model.mean(axis=0)
+        return {"raw": raw, "calibrated": apply_temperature(raw, float(bundle.temperature)), "per_model": per_model,
+                "disagreement": per_model.std(axis=0).max(axis=1)}
+
+    return predict_arrays
+
+
+def _salt(out_dir: Path, salt: str | None) -> str:
+    """The given salt, else the one stored in out_dir/.salt (made on the first run, readable by the owner only)."""
+    if salt:
+        return str(salt)
+    path = out_dir / SALT_FILE
+    if path.is_file():
+        stored = path.read_text().strip()
+        if stored:
+            return stored
+    value = secrets.token_hex(32)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another run made it first
+        return path.read_text().strip()
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(value + "\n")
+    return value
+
+
+def _cache_key(key: str, breast: Breast, bundle_sha256: str) -> str:
+    payload = json.dumps({"version": RESULT_VERSION, "exam_key": key, "bundle": bundle_sha256,
+                          "inputs": sorted(image.sha256 for image in breast.images)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _load_previous(path: Path, cache_key: str, heatmaps: bool) -> dict | None:
+    """An earlier run's result for this breast when made from the same inputs and bundle (and with heatmaps, when
+    they are asked for now and their files are still there)."""
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if result.get("cache_key") != cache_key or result.get("version") != RESULT_VERSION:
+        return None
+    if heatmaps and result["verdict"] != "refused":
+        maps = result.get("heatmaps")
+        if not maps or not all((path.parent.parent / entry[kind]).is_file() for entry in maps.values()
+                               for kind in ("overlay", "map")):
+            return None
+    return result
+
+
+def _numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def _csv_bytes(rows: list[dict], columns: list[str]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def _write_json_atomic(path: Path, document: dict) -> None:
+    _write_bytes_atomic(path, (json.dumps(document, indent=1, allow_nan=False) + "\n").encode())
+
+
+def _write_bytes_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def register_predict(subparsers) -> None:
+    """Add the ``predict`` command."""
+    parser = subparsers.add_parser(
+        "predict", help="per-breast predictions of a model bundle on DICOM / zip / folders / a manifest CSV",
+        description="Group the inputs into breasts by their DICOM tags (or a manifest CSV for PNG/JPEG), prepare "
+        "every image as in training, and write one verdict (ok / degraded / refused, with reasons) and the class "
+        "probabilities per breast into --out: breasts/*.json (kept across reruns), predictions.csv, "
+        "predictions.json, refused_inputs.csv. Outputs are keyed by a salted pseudonymous exam key.",
+    )
+    parser.add_argument("bundle", type=Path, help="model bundle (tlese.serve.bundle)")
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                        help="DICOM file, folder (recursive), zip archive, or manifest CSV (patient, side, view, path)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--heatmaps", action="store_true",
+                        help="Grad-CAM overlays of the predicted class per view, on the original image")
+    parser.add_argument("--sr", action="store_true", help="one DICOM SR per study")
+    parser.add_argument("--link-file", type=Path, default=None,
+                        help="also write this CSV from exam key to StudyInstanceUID / AccessionNumber (identifying)")
+    parser.add_argument("--salt", default=None, help="secret for the exam keys (default: generated once into "
+                        "OUT/.salt)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch", help="inference runtime (default torch)")
+    parser.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Load the bundle, predict, print the summary (counts, reasons and exam keys only)."""
+    from tlese.serve.bundle import load_bundle
+
+    summary = predict(load_bundle(args.bundle), args.inputs, args.out, salt=args.salt, link_file=args.link_file,
+                      heatmaps=args.heatmaps, sr=args.sr, runtime=args.runtime)
+    print("\n".join(summary.lines()))
+    return 0
+
+
+__all__ = ["OVERLAY_SENTENCE", "Summary", "cmd_predict", "exam_key", "map_to_original", "predict",
+           "register_predict"]

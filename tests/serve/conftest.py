@@ -1,0 +1,50 @@
+"""Session fixtures for the serving tests: a tiny finished cross-validation run and its bundle (made once).
+
+`tiny_synth` is the synthetic data (the dict `tlese.data.synth.synthesize` returns: mammo_root, cxr_root, ...),
+`tiny_run` the run folder (3 folds of one scratch arm `plain_scratch`, dual view, 32 px, 1 epoch), `tiny_bundle`
+the bundle folder made from it. Treat all three as read-only: copy before tampering.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+TINY_ARM = "plain_scratch"
+TINY_RECIPE = {"epochs": 1, "batch_size": 8, "lr": 0.002, "warmup_epochs": 0.5, "progress_bar": False,
+               "accelerator": "cpu", "val_fraction": 0.25}
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory) -> dict:
+    from tlese.data.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("serve_synth"), n_patients=15, image_size=64, cxr_per_class=6, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_synth) -> Path:
+    from tlese.train.config import load_experiment
+    from tlese.train.cv import run_cv
+
+    folder = tmp_path_factory.mktemp("serve_run")
+    config = {
+        "name": "tiny", "seed": 0, "output_dir": str(folder / "runs"), "cache_dir": str(folder / "cache"),
+        "image_size": 32, "views": "dual", "folds": 3, "bootstrap": 20, "prepare_workers": 1,
+        "target": {"adapter": "cmmd", "root": str(tiny_synth["mammo_root"]), "task": "synth_subtype4"},
+        "cxr": {"adapter": "darkcovidnet", "root": str(tiny_synth["cxr_root"]), "task": "synth_cxr3"},
+        "cxr_recipe": dict(TINY_RECIPE), "target_recipe": dict(TINY_RECIPE),
+        "arms": [{"name": TINY_ARM, "model": "lite0_plain", "transfer": "scratch"}],
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return run_cv(load_experiment(path))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_run) -> Path:
+    from tlese.serve.bundle import make_bundle
+
+    return make_bundle(tiny_run, TINY_ARM, tmp_path_factory.mktemp("serve_bundle") / "tiny_bundle")
