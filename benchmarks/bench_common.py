@@ -85,15 +85,19 @@ def build(name: str, channels_last: bool = False, train: bool = False) -> nn.Mod
     return model
 
 
-def interleaved(steps: dict[str, Callable[[], None]], reps: int, iters: int = 1, warmup: int = 1) -> dict:
+def interleaved(steps: dict[str, Callable[[], None]], reps: int, iters: int = 1, warmup: int = 1,
+                pause: float = 0.0) -> dict:
     """Seconds per call of each step, measured round-robin: every repetition runs every step `iters` times, so
-    background load hits all of them alike. Returns {name: [seconds per call, one per repetition]}."""
+    background load hits all of them alike. `pause` seconds (untimed) precede each step's calls. Returns
+    {name: [seconds per call, one per repetition]}."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(reps):
         for name, step in steps.items():
+            if pause:
+                time.sleep(pause)
             start = time.perf_counter()
             for _ in range(iters):
                 step()

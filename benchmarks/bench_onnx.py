@@ -153,18 +153,8 @@ def int8_drift(size: int, workdir: Path, n_calib: int = 8, n_eval: int = 16, log
 def paused_interleaved(steps: dict[str, Callable[[], object]], reps: int, warmup: int, pause: float) -> dict:
     """`bench_common.interleaved` with `pause` seconds (untimed) before every call: ONNX Runtime's intra-op threads
     spin for a while after each run, so back to back a session's cores are still busy with the previous session's
-    spinning threads (measured: tlese_lite0 91 ms interleaved back to back, 57 ms with a 50 ms pause, 58 ms alone)."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            time.sleep(pause)
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return times
+    spinning threads."""
+    return interleaved(steps, reps, warmup=warmup, pause=pause)
 
 
 def _rows(times: dict[str, list[float]]) -> dict:

@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
+from serve_helpers import dicom_copy
 
 from tlese.serve.inputs import (
     UnsafeArchiveError,
@@ -22,19 +23,6 @@ from tlese.serve.inputs import (
     safe_extract_zip,
     safe_reason,
 )
-
-
-def dicom_copy(source: Path, target: Path, new_study: bool = True, **tags) -> Path:
-    """A copy of `source` with new UIDs (a new exam unless `new_study` is False) and `tags` set."""
-    ds = pydicom.dcmread(source)
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    if new_study:
-        ds.StudyInstanceUID = generate_uid()
-    for keyword, value in tags.items():
-        setattr(ds, keyword, value)
-    ds.save_as(target)
-    return target
 
 
 def header_of(path: Path) -> tuple[str, str, str]:

@@ -24,7 +24,7 @@ import pydicom
 import pytest
 import torch
 from PIL import Image
-from pydicom.uid import generate_uid
+from serve_helpers import dicom_copy
 
 from tlese.data.io import read_image
 from tlese.data.preprocess import PreprocessParams, normalise_intensity, prepare_file
@@ -59,18 +59,6 @@ def make_bundle(views: str = "dual", n_models: int = 2, size: int = 64, seed: in
                   card={"intended_use": "test only"}, models=models, folds=list(range(n_models)), temperature=1.5,
                   preprocess=PreprocessParams.build(size, "mammo"), class_names=list(CLASSES), views=views,
                   image_size=size, in_chans=1)
-
-
-def dicom_copy(source: Path, target: Path, new_study: bool = True, **tags) -> Path:
-    ds = pydicom.dcmread(source)
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    if new_study:
-        ds.StudyInstanceUID = generate_uid()
-    for keyword, value in tags.items():
-        setattr(ds, keyword, value)
-    ds.save_as(target)
-    return target
 
 
 def case(path: Path) -> tuple[str, str, str]:
