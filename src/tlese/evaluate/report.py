@@ -97,6 +97,49 @@ def plot_confusion_matrix(cm, class_names: Sequence[str], path, normalise: bool 
     return _save(figure, path)
 
 
+def plot_calibration(y_true, probs, class_names: Sequence[str], path, bins: int = 10,
+                     title: str = "Calibration (reliability diagram)") -> Path:
+    """Top-label reliability diagram: predictions binned by confidence (max probability) into `bins` equal-width
+    bins; per bin the accuracy against the mean confidence (marker area ~ count), the diagonal, and below it the
+    number of predictions per bin. The legend gives the top-label ECE (`tlese.serve.calibration` binning)."""
+    y_true = np.asarray(y_true).astype(int)
+    probs = np.asarray(probs, dtype=float)
+    if probs.ndim != 2 or probs.shape[1] != len(class_names):
+        raise ValueError(f"probs must be (N, {len(class_names)}), got shape {probs.shape}")
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    confidence = probs.max(axis=1) if len(probs) else np.zeros(0)
+    correct = (probs.argmax(axis=1) == y_true).astype(float) if len(probs) else np.zeros(0)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    centres, accuracy, mean_conf, counts = [], [], [], np.zeros(bins, dtype=int)
+    ece = 0.0
+    for index in range(bins):
+        members = which == index
+        counts[index] = int(members.sum())
+        if members.any():
+            centres.append(index)
+            accuracy.append(float(correct[members].mean()))
+            mean_conf.append(float(confidence[members].mean()))
+            ece += members.mean() * abs(accuracy[-1] - mean_conf[-1])
+    figure = Figure(figsize=(5.5, 6.2), layout="constrained")
+    top, bottom = figure.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    top.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":", label="perfect calibration")
+    if centres:
+        sizes = 20 + 180 * counts[centres] / max(counts.max(), 1)
+        top.plot(mean_conf, accuracy, color="C0", linewidth=1.2)
+        top.scatter(mean_conf, accuracy, s=sizes, color="C0", zorder=3,
+                    label=f"top label (ECE {ece:.3f}, n={len(probs)}, {bins} bins)")
+    else:
+        top.plot([], [], " ", label="no predictions")
+    top.set(xlim=(0, 1), ylim=(0, 1.01), ylabel="accuracy of the top label", title=title)
+    top.legend(loc="upper left", fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.bar(edges[:-1], counts, width=1.0 / bins, align="edge", color="C0", alpha=0.5, edgecolor="white")
+    bottom.set(xlabel="confidence (max probability)", ylabel="predictions")
+    return _save(figure, path)
+
+
 def _fold_label(fold) -> str:
     # A fold column holding NaN for an un-folded stage is float: show 0.0 as 0.
     return str(int(fold)) if isinstance(fold, float | np.floating) and float(fold).is_integer() else str(fold)
@@ -212,12 +255,15 @@ def write_report(
     data_summary: pd.DataFrame | None = None,
     comparison_table: pd.DataFrame | None = None,
     notes: Sequence[str] = (),
+    extra_plots: dict[str, Path] | None = None,
 ) -> dict[str, Path]:
     """Write ``report.md`` and ``report.html`` (plots in ``run_dir/plots``) and return their paths.
 
     Sections: metrics (the given summary table: mean ± std over folds, pooled, bootstrap CIs), per-fold metrics,
     model comparison, ROC curves and confusion matrix of the pooled predictions, learning curves, data summary,
     notes and warnings (the per-fold and pooled metric warnings are added), resolved config (YAML), environment.
+    ``extra_plots`` (heading -> PNG path inside ``run_dir``, e.g. from `plot_calibration`) are shown after the
+    built-in plots.
     The tables are also saved at full precision as CSV in ``run_dir/tables``.
     """
     run_dir = Path(run_dir)
@@ -234,6 +280,7 @@ def write_report(
     }
     if history is not None and len(history):
         plots["Learning curves"] = plot_learning_curves(history, plots_dir / "learning_curves.png")
+    plots.update({heading: Path(path) for heading, path in (extra_plots or {}).items()})
     # Fold warnings belong with a per-fold table (a per-model report); a comparison report passes its own notes.
     has_folds = per_fold_table is not None and "fold" in predictions.columns
     metric_warnings = fold_warnings(predictions, class_names) if has_folds else []

@@ -472,6 +472,9 @@ def card_markdown(card: dict) -> str:
              "- Per class: " + ", ".join(f"{name} {counts['patients']} patients" for name, counts in
                                          data["per_class"].items()),
              "- Transfer chain: " + "; ".join(sorted({f"{link['chain']}" for link in card["transfer_chain"]})),
+             *([f"- Training inputs (predict refuses others): BitsStored {inputs.get('bits_stored')}, formats "
+                f"{inputs.get('source_formats')}, photometric {inputs.get('photometric')}"]
+               if (inputs := card.get("inputs")) else []),
              "", f"## Cross-validated performance ({cv['unit']}s, {cv['ci']}, {cv['n_boot']} resamples)", "",
              "| metric | pooled | 95% CI | mean over folds | std |", "|---|---:|---:|---:|---:|"]
     for row in cv["metrics"]:
@@ -500,6 +503,38 @@ def _write_zip(folder: Path, target: Path) -> None:
             info.external_attr = 0o644 << 16
             archive.writestr(info, path.read_bytes())
     os.replace(temporary, target)
+
+
+def _training_inputs(experiment, limit: int = 500) -> dict:
+    """Input properties of the training images, from the headers of the target table's files (`read_header`; at
+    most `limit` of them, evenly spaced): the BitsStored values, photometric interpretations and source formats
+    seen. `predict` refuses an image whose bit depth or source format is outside these sets. Any failure (data no
+    longer there, adapter error): {"bits_stored": "unknown", ...}, and predict refuses nothing for it."""
+    from tlese.data.datasets import get_adapter
+    from tlese.data.io import read_header
+
+    unknown = {"bits_stored": "unknown", "photometric": "unknown", "source_formats": "unknown",
+               "files_read": 0, "files_total": None}
+    try:
+        source = experiment.target
+        paths = list(get_adapter(source.adapter)(source.root, **source.options)["path"])
+        step = max(1, -(-len(paths) // limit))
+        chosen = paths[::step]
+        headers = []
+        for path in chosen:
+            try:
+                headers.append(read_header(path))
+            except Exception:  # an unreadable file was left out of training too
+                continue
+    except Exception as error:
+        return {**unknown, "why": f"training table not readable ({type(error).__name__})"}
+    if not headers:
+        return {**unknown, "files_total": len(paths)}
+    return {"bits_stored": sorted({int(h.bits_stored) for h in headers}),
+            "photometric": sorted({str(h.photometric) for h in headers}),
+            "source_formats": sorted({str(h.source_format) for h in headers}),
+            "files_read": len(headers), "files_total": len(paths),
+            "from": f"headers of {len(headers)} of the {len(paths)} files of the {source.adapter} table"}
 
 
 def make_bundle(run_dir: str | Path, arm: str, out: str | Path, zip: bool = False, intended_use: str | None = None,
@@ -613,6 +648,7 @@ def make_bundle(run_dir: str | Path, arm: str, out: str | Path, zip: bool = Fals
                      data_summary=data_summary, environment=environment,
                      intended_use=intended_use or DEFAULT_INTENDED_USE,
                      n_boot=experiment.bootstrap if n_boot is None else n_boot)
+        card["inputs"] = _training_inputs(experiment)
         (work / CARD_FILE).write_text(_dump(card))
         (work / CARD_MARKDOWN).write_text(card_markdown(_clean(card)))
 

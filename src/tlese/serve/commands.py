@@ -7,10 +7,12 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
+    from tlese.serve.evaluate import register_evaluate
     from tlese.serve.predict import register_predict
 
     _add_bundle(subparsers)
     register_predict(subparsers)
+    register_evaluate(subparsers)
 
 
 def _add_bundle(subparsers) -> None:

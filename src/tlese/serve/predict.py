@@ -273,10 +273,11 @@ def _bundle_problems(bundle: Any, image: ImageInput) -> list[str]:
         problems.append(f"image ({header.rows} x {header.cols}) smaller than the model's input ({size} x {size})")
     card_inputs = (getattr(bundle, "card", None) or {}).get("inputs") or {}
     bits = card_inputs.get("bits_stored")
-    if bits and int(header.bits_stored) not in {int(b) for b in bits}:
-        problems.append(f"bit depth {header.bits_stored} not among those the bundle was trained on {sorted(bits)}")
+    if isinstance(bits, list) and bits and int(header.bits_stored) not in {int(b) for b in bits}:  # or "unknown"
+        trained = ", ".join(str(b) for b in sorted({int(b) for b in bits}))
+        problems.append(f"bit depth {header.bits_stored} not seen in training (trained on {trained})")
     formats = card_inputs.get("source_formats")
-    if formats and header.source_format not in formats:
+    if isinstance(formats, list) and formats and header.source_format not in formats:
         problems.append(f"{header.source_format} images not among those the bundle was trained on")
     return problems
 
