@@ -16,10 +16,11 @@ import pytest
 import yaml
 
 from tlese.data.synth import synthesize
+from tlese.files import sha256_file
 from tlese.train.config import load_experiment
 from tlese.train.cv import run_cv
 from tlese.train.merge import merge_run
-from tlese.train.rundir import RunDir, StaleRunError, sha256_file
+from tlese.train.rundir import RunDir, StaleRunError
 
 pytestmark = pytest.mark.slow
 
@@ -174,7 +175,8 @@ def _wait_for(path_pattern: Path, process: subprocess.Popen, timeout: float = 30
 
 
 def test_ctrl_c_and_kill_9_then_rerun_give_byte_identical_outputs(synth, tmp_path):
-    settings = ["--set", "target_recipe.epochs=3"]
+    # Long enough (tiny epochs take milliseconds) that the signals arrive while it trains, not after it finished.
+    settings = ["--set", "target_recipe.epochs=40", "--set", "target_recipe.early_stopping_patience=100"]
     reference = config_file(tmp_path, synth, name="straight")
     code, output = finish(tlese("cv", "--config", str(reference), "--fold", "0", *settings))
     assert code == 0, output[-3000:]
