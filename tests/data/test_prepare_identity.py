@@ -115,8 +115,8 @@ def test_a_cached_run_does_not_hash_the_sources_again(tmp_path, monkeypatch):
     table = _rows(*[(f"P{index}", "L", path) for index, path in enumerate(sources)])
     prepare_table(table, PARAMS, tmp_path / "cache", workers=1, progress=False)
     hashed = []
-    original = cache._file_sha256
-    monkeypatch.setattr(cache, "_file_sha256", lambda path: hashed.append(str(path)) or original(path))
+    original = cache.sha256_file
+    monkeypatch.setattr(cache, "sha256_file", lambda path: hashed.append(str(path)) or original(path))
     prepared, summary = prepare_table(table, PARAMS, tmp_path / "cache", workers=1, progress=False)
     assert summary.cached == 3
     assert sorted(hashed) == sorted(prepared["prepared_path"])  # only the cached PNGs are checked

@@ -7,6 +7,7 @@ the bundle folder made from it. Treat all three as read-only: copy before tamper
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,12 @@ def tiny_bundle(tmp_path_factory, tiny_run) -> Path:
     from tlese.serve.bundle import make_bundle
 
     return make_bundle(tiny_run, TINY_ARM, tmp_path_factory.mktemp("serve_bundle") / "tiny_bundle")
+
+
+@pytest.fixture(scope="session")
+def flat(cbis_dicoms, tmp_path_factory) -> Path:
+    """The 8 CBIS DICOMs in one folder as img_0.dcm ... img_7.dcm (neutral names: pairing must come from the tags)."""
+    folder = tmp_path_factory.mktemp("flat")
+    for index, path in enumerate(cbis_dicoms):
+        shutil.copy(path, folder / f"img_{index}.dcm")
+    return folder

@@ -19,3 +19,9 @@ def dicom_copy(source: Path, target: Path, new_study: bool = True, **tags) -> Pa
         setattr(ds, keyword, value)
     ds.save_as(target)
     return target
+
+
+def cbis_truth(path: Path) -> tuple[str, str, str]:
+    """(CBIS patient, side, view) as the tests know them from the CBIS PatientID (never used by the code)."""
+    parts = str(pydicom.dcmread(path, stop_before_pixels=True).PatientID).split("_")
+    return f"P_{parts[2]}", parts[3][0], parts[4]

@@ -9,10 +9,9 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 from pydicom.uid import generate_uid
-from serve_helpers import dicom_copy
+from serve_helpers import cbis_truth, dicom_copy
 
 from tlese.serve.inputs import (
     UnsafeArchiveError,
@@ -25,23 +24,8 @@ from tlese.serve.inputs import (
 )
 
 
-def header_of(path: Path) -> tuple[str, str, str]:
-    """(CBIS patient, side, view) as the test knows them from the CBIS PatientID (never used by the code)."""
-    name = str(pydicom.dcmread(path, stop_before_pixels=True).PatientID)
-    parts = name.split("_")
-    return f"P_{parts[2]}", parts[3][0], parts[4]
-
-
-@pytest.fixture(scope="module")
-def flat(cbis_dicoms, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("flat")
-    for index, path in enumerate(cbis_dicoms):
-        shutil.copy(path, folder / f"img_{index}.dcm")
-    return folder
-
-
 def test_groups_the_cbis_files_into_four_breasts_by_their_tags(flat):
-    truth = {path.name: header_of(path) for path in flat.iterdir()}
+    truth = {path.name: cbis_truth(path) for path in flat.iterdir()}
     with collect_inputs([flat]) as found:
         assert found.refused == []
         assert len(found.breasts) == 4
@@ -69,8 +53,8 @@ def test_file_names_play_no_part(flat, tmp_path):
 
 def test_other_exams_group_by_study_and_side(cbis_dicoms, tmp_path):
     study = generate_uid()
-    left_cc = next(p for p in cbis_dicoms if header_of(p)[1:] == ("L", "CC"))
-    left_mlo = next(p for p in cbis_dicoms if header_of(p)[1:] == ("L", "MLO"))
+    left_cc = next(p for p in cbis_dicoms if cbis_truth(p)[1:] == ("L", "CC"))
+    left_mlo = next(p for p in cbis_dicoms if cbis_truth(p)[1:] == ("L", "MLO"))
     dicom_copy(left_cc, tmp_path / "a.dcm", StudyInstanceUID=study, PatientID="HOSP-1")
     dicom_copy(left_mlo, tmp_path / "b.dcm", StudyInstanceUID=study, PatientID="HOSP-1")
     dicom_copy(left_mlo, tmp_path / "c.dcm", PatientID="HOSP-1")  # same patient, another exam

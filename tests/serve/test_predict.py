@@ -24,7 +24,7 @@ import pydicom
 import pytest
 import torch
 from PIL import Image
-from serve_helpers import dicom_copy
+from serve_helpers import cbis_truth, dicom_copy
 
 from tlese.data.io import read_image
 from tlese.data.preprocess import PreprocessParams, normalise_intensity, prepare_file
@@ -32,7 +32,8 @@ from tlese.evaluate import explain
 from tlese.models import create_model
 from tlese.serve import predict as predict_module
 from tlese.serve.bundle import Bundle
-from tlese.serve.predict import OVERLAY_SENTENCE, exam_key, map_to_original, predict, register_predict
+from tlese.serve.commands import register_predict
+from tlese.serve.predict import OVERLAY_SENTENCE, exam_key, map_to_original, predict
 
 CLASSES = ["Luminal A", "Luminal B", "HER2-enriched", "triple negative"]
 SECRETS = {"PatientName": "Zyxwv^Secretname", "PatientID": "SECRET-ID-4711", "PatientBirthDate": "19010203",
@@ -61,14 +62,8 @@ def make_bundle(views: str = "dual", n_models: int = 2, size: int = 64, seed: in
                   image_size=size, in_chans=1)
 
 
-def case(path: Path) -> tuple[str, str, str]:
-    """(CBIS patient, side, view) from the CBIS PatientID, as the test knows the truth."""
-    parts = str(pydicom.dcmread(path, stop_before_pixels=True).PatientID).split("_")
-    return f"P_{parts[2]}", parts[3][0], parts[4]
-
-
 def by_case(cbis_dicoms, patient: str, side: str, view: str) -> Path:
-    return next(path for path in cbis_dicoms if case(path) == (patient, side, view))
+    return next(path for path in cbis_dicoms if cbis_truth(path) == (patient, side, view))
 
 
 def all_bytes_under(folder: Path, skip: tuple[Path, ...] = ()) -> list[tuple[Path, bytes]]:
@@ -79,15 +74,6 @@ def all_bytes_under(folder: Path, skip: tuple[Path, ...] = ()) -> list[tuple[Pat
 @pytest.fixture(scope="module")
 def bundle() -> Bundle:
     return make_bundle()
-
-
-@pytest.fixture(scope="module")
-def flat(cbis_dicoms, tmp_path_factory) -> Path:
-    """The 8 CBIS DICOMs in one folder as img_0.dcm ... img_7.dcm."""
-    folder = tmp_path_factory.mktemp("flat")
-    for index, path in enumerate(cbis_dicoms):
-        shutil.copy(path, folder / f"img_{index}.dcm")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +129,7 @@ def batch(cbis_dicoms, flat, bundle, tmp_path_factory) -> dict:
             root_logger.setLevel(level)
     said = stdout.getvalue() + stderr.getvalue() + "".join(str(w.message) for w in caught)
     said += "".join(record.getMessage() for record in records) + "\n".join(summary.lines())
-    truth = {hashlib.sha256(path.read_bytes()).hexdigest(): case(path) for path in inputs.glob("img_[0-7].dcm")}
+    truth = {hashlib.sha256(path.read_bytes()).hexdigest(): cbis_truth(path) for path in inputs.glob("img_[0-7].dcm")}
     document = json.loads((out / "predictions.json").read_text())
     return {"out": out, "inputs": inputs, "summary": summary, "said": said, "titles": titles, "link": link,
             "extra": extra, "truth": truth, "document": document, "evil": evil, "root": root}

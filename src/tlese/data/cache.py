@@ -45,6 +45,7 @@ import pandas as pd
 
 from tlese.data.io import ImageReadError
 from tlese.data.preprocess import PREPROCESS_VERSION, PreprocessParams, UnusableImageError, prepare_file
+from tlese.files import sha256_file, write_bytes_atomic
 from tlese.vocab import Side
 
 MANIFEST_NAME = "manifest.csv"
@@ -159,9 +160,7 @@ def write_png16(image: np.ndarray, path: str | Path) -> tuple[int, str]:
     buffer = io.BytesIO()
     Image.fromarray(quantised).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     data = buffer.getvalue()
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    write_bytes_atomic(path, data)
     return len(data), hashlib.sha256(data).hexdigest()
 
 
@@ -449,7 +448,7 @@ def _prepare_one(job: tuple, params_dict: dict) -> tuple[bool, dict | str]:
     try:
         image, found = prepare_file(source, side, view, PreprocessParams.from_dict(params_dict))
         png_size, png_sha256 = write_png16(image, out_path)
-        sha256 = _file_sha256(source)
+        sha256 = sha256_file(source)
     except (ImageReadError, UnusableImageError) as error:
         return False, error.reason
     except MemoryError:
@@ -696,14 +695,9 @@ def _cache_problem(job: Job, entry: dict | None) -> str | None:
     size = path.stat().st_size
     if str(size) != str(entry.get("png_size")):
         return f"cached PNG damaged ({size} bytes, the manifest says {entry.get('png_size')})"
-    if _file_sha256(path) != entry["png_sha256"]:
+    if sha256_file(path) != entry["png_sha256"]:
         return "cached PNG damaged (its sha256 differs from the manifest's)"
     return None
-
-
-def _file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _label(value) -> str | None:

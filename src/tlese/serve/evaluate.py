@@ -17,7 +17,6 @@ reliability diagrams; metrics are on the bundle's calibrated probabilities, the 
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from pathlib import Path
@@ -78,9 +77,9 @@ def evaluate_bundle(bundle: Any, dataset: str, root: str | Path, task: Any, out_
     from tlese.evaluate.metrics import PRIMARY_METRIC, classification_metrics, prob_column
     from tlese.evaluate.report import PLOTS_DIR, plot_calibration, write_report
     from tlese.evaluate.tables import summary_table
+    from tlese.files import sha256_file
     from tlese.provenance import environment_info
     from tlese.serve.bundle import load_bundle
-    from tlese.serve.inputs import file_sha256
     from tlese.serve.predict import predict
 
     if not hasattr(bundle, "predict_arrays"):
@@ -96,7 +95,7 @@ def evaluate_bundle(bundle: Any, dataset: str, root: str | Path, task: Any, out_
     if not len(encoded):
         raise ValueError(f"{dataset} at {root}: no labelled image for task {task.name} ({encode_report.summary()})")
     labelled = _labelled_breasts(encoded)
-    sha_to_breast = {file_sha256(Path(path)): (str(patient), str(side))
+    sha_to_breast = {sha256_file(Path(path)): (str(patient), str(side))
                      for path, patient, side in encoded[["path", "patient_id", "side"]].itertuples(index=False)}
     labelled = labelled.assign(patient_id=labelled["patient_id"].astype(str), side=labelled["side"].astype(str))
 
@@ -218,37 +217,4 @@ def evaluate_bundle(bundle: Any, dataset: str, root: str | Path, task: Any, out_
 # Command line
 
 
-def register_evaluate(subparsers) -> None:
-    """Add the ``evaluate`` command."""
-    parser = subparsers.add_parser(
-        "evaluate", help="external evaluation of a model bundle on a labelled data set (before use at a site)",
-        description="Read the labelled set with the dataset adapter, encode its labels with the task (its classes "
-        "must be the bundle's), predict every breast exactly as `tlese predict` does, and write the same report as "
-        "`merge` into --out: metrics with patient-bootstrap CIs, per-class AUC / sensitivity / specificity, ROC, "
-        "confusion matrix, reliability diagrams; calibrated and raw probabilities in predictions.csv.",
-    )
-    parser.add_argument("bundle", type=Path, help="model bundle (tlese.serve.bundle)")
-    parser.add_argument("--dataset", required=True, help="dataset adapter name (e.g. cmmd)")
-    parser.add_argument("--root", required=True, type=Path, help="the labelled data set's folder")
-    parser.add_argument("--task", required=True, help="registered task name (its classes must be the bundle's)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                        help="patient-level bootstrap resamples (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    parser.set_defaults(func=cmd_evaluate)
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    paths = evaluate_bundle(args.bundle, args.dataset, args.root, args.task, args.out, n_boot=args.bootstrap,
-                            seed=args.seed)
-    evaluation = json.loads(paths["evaluation_json"].read_text())
-    print(f"external evaluation of bundle {evaluation['bundle_sha256']} on {evaluation['dataset']}: "
-          f"{evaluation['evaluated_breasts']} of {evaluation['labelled_breasts']} breasts evaluated "
-          f"({evaluation['degraded']} degraded, {evaluation['refused']} refused); macro AUC "
-          f"{evaluation['macro_auc']:.4f} (raw {evaluation['raw_macro_auc']:.4f})")
-    print(f"WARNING: {TRAINING_OVERLAP_WARNING}")
-    print(f"report: {paths['html']} and {paths['md']}")
-    return 0
-
-
-__all__ = ["TRAINING_OVERLAP_WARNING", "cmd_evaluate", "evaluate_bundle", "register_evaluate"]
+__all__ = ["TRAINING_OVERLAP_WARNING", "evaluate_bundle"]

@@ -17,7 +17,6 @@ to build pseudonymous keys and the opt-in link file, and are scrubbed from every
 from __future__ import annotations
 
 import csv
-import hashlib
 import re
 import shutil
 import stat
@@ -31,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from tlese.data.datasets import cbis_ddsm
 from tlese.data.datasets._common import walk_files
 from tlese.data.io import ImageHeader, ImageReadError, read_header_and_tags
+from tlese.files import sha256_file
 from tlese.vocab import Side, View, view_code
 
 # DICOM attributes read besides the technical header. The identifying ones never leave this module's records.
@@ -216,7 +216,7 @@ def read_input(path: Path, label: str, row: dict | None = None) -> ImageInput | 
     except Exception as error:  # never stop the batch for one file
         return RefusedInput(label, f"cannot read ({type(error).__name__})")
     try:
-        digest = file_sha256(path)
+        digest = sha256_file(path)
     except OSError:
         return RefusedInput(label, "cannot read file")
     tags = {key: value for key, value in tags.items() if value is not None}
@@ -382,14 +382,6 @@ def safe_extract_zip(archive: Path, dest: Path, *, max_bytes: int = MAX_ZIP_BYTE
     return extracted
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def safe_reason(reason: str, identifiers: Iterable[str] = ()) -> str:
     """A reason from the data layer made generic: the free-text detail after the problem's name (an exception's
     message, which may quote a header value) is cut, and any of `identifiers` left in it is replaced."""
@@ -449,5 +441,5 @@ def _word(text: str) -> str:
 
 
 __all__ = ["Breast", "ImageInput", "InputSet", "RefusedInput", "UnsafeArchiveError", "cbis_case", "cbis_patient",
-           "collect_inputs", "file_sha256", "group_breasts", "header_problems", "read_input", "read_manifest",
+           "collect_inputs", "group_breasts", "header_problems", "read_input", "read_manifest",
            "safe_extract_zip", "safe_reason"]

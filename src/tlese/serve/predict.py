@@ -26,7 +26,6 @@ link file carries a patient name, ID, birth date, accession number or UID; nothi
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import hmac
@@ -46,6 +45,7 @@ import numpy as np
 
 from tlese.data.io import ImageReadError
 from tlese.data.preprocess import PreprocessParams, prepare_file
+from tlese.files import write_bytes_atomic
 from tlese.serve.inputs import Breast, ImageInput, InputSet, collect_inputs, safe_reason
 from tlese.vocab import DUAL_VIEW_ORDER, View
 
@@ -311,7 +311,7 @@ def _predict_chunk(chunk: list[_Prepared], bundle: Any, predict_arrays, results:
                 result["reasons"].append(f"heatmap not made ({type(error).__name__})")
         elif heatmaps:
             result["heatmaps"] = {}
-        _write_json_atomic(out_dir / BREASTS_DIR / f"{item.key}.json", result)
+        _write_json(out_dir / BREASTS_DIR / f"{item.key}.json", result)
         results[item.key] = result
 
 
@@ -470,7 +470,7 @@ def _save_png16(array: np.ndarray, path: Path) -> None:
     data = np.round(np.clip(array, 0.0, 1.0) * 65535).astype(np.uint16)
     buffer = io.BytesIO()
     Image.fromarray(data).save(buffer, format="PNG")
-    _write_bytes_atomic(path, buffer.getvalue())
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -538,7 +538,7 @@ def _write_link_file(path: Path, found: InputSet, salt: str) -> Path:
                      "patient": value if kind in ("manifest", "cbis") else "",
                      "inputs": ";".join(image.label for image in breast.images)})
     columns = ["exam_key", "side", "study_instance_uid", "accession_number", "patient", "inputs"]
-    _write_bytes_atomic(path, _csv_bytes(rows, columns), mode=0o600)
+    write_bytes_atomic(path, _csv_bytes(rows, columns), mode=0o600)
     return path
 
 
@@ -559,15 +559,15 @@ def _write_aggregates(out_dir: Path, results: dict, bundle: Any, summary: Summar
         rows.append(row)
     files = {"predictions_csv": out_dir / "predictions.csv", "predictions_json": out_dir / "predictions.json",
              "refused_inputs_csv": out_dir / "refused_inputs.csv"}
-    _write_bytes_atomic(files["predictions_csv"], _csv_bytes(rows, columns))
-    _write_bytes_atomic(files["refused_inputs_csv"], _csv_bytes(summary.refused_inputs, ["input", "reason"]))
+    write_bytes_atomic(files["predictions_csv"], _csv_bytes(rows, columns))
+    write_bytes_atomic(files["refused_inputs_csv"], _csv_bytes(summary.refused_inputs, ["input", "reason"]))
     document = {"version": RESULT_VERSION,
                 "bundle": {"sha256": bundle.sha256, "class_names": classes, "views": bundle.views,
                            "image_size": int(bundle.preprocess.size)},
                 "summary": {**summary.to_dict(), "files": {k: str(v) for k, v in {**summary.files, **files}.items()}},
                 "breasts": {result["exam_key"]: result for result in ordered},
                 "refused_inputs": summary.refused_inputs}
-    _write_json_atomic(files["predictions_json"], document)
+    _write_json(files["predictions_json"], document)
     return {name: str(path) for name, path in files.items()}
 
 
@@ -663,64 +663,12 @@ def _csv_bytes(rows: list[dict], columns: list[str]) -> bytes:
     return buffer.getvalue().encode()
 
 
-def _write_json_atomic(path: Path, document: dict) -> None:
-    _write_bytes_atomic(path, (json.dumps(document, indent=1, allow_nan=False) + "\n").encode())
-
-
-def _write_bytes_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if mode is not None:
-            os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+def _write_json(path: Path, document: dict) -> None:
+    write_bytes_atomic(path, (json.dumps(document, indent=1, allow_nan=False) + "\n").encode())
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 
 
-def register_predict(subparsers) -> None:
-    """Add the ``predict`` command."""
-    parser = subparsers.add_parser(
-        "predict", help="per-breast predictions of a model bundle on DICOM / zip / folders / a manifest CSV",
-        description="Group the inputs into breasts by their DICOM tags (or a manifest CSV for PNG/JPEG), prepare "
-        "every image as in training, and write one verdict (ok / degraded / refused, with reasons) and the class "
-        "probabilities per breast into --out: breasts/*.json (kept across reruns), predictions.csv, "
-        "predictions.json, refused_inputs.csv. Outputs are keyed by a salted pseudonymous exam key.",
-    )
-    parser.add_argument("bundle", type=Path, help="model bundle (tlese.serve.bundle)")
-    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
-                        help="DICOM file, folder (recursive), zip archive, or manifest CSV (patient, side, view, path)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--heatmaps", action="store_true",
-                        help="Grad-CAM overlays of the predicted class per view, on the original image")
-    parser.add_argument("--sr", action="store_true", help="one DICOM SR per study")
-    parser.add_argument("--link-file", type=Path, default=None,
-                        help="also write this CSV from exam key to StudyInstanceUID / AccessionNumber (identifying)")
-    parser.add_argument("--salt", default=None, help="secret for the exam keys (default: generated once into "
-                        "OUT/.salt)")
-    parser.add_argument("--runtime", choices=RUNTIMES, default="torch", help="inference runtime (default torch)")
-    parser.set_defaults(func=cmd_predict)
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    """Load the bundle, predict, print the summary (counts, reasons and exam keys only)."""
-    from tlese.serve.bundle import load_bundle
-
-    summary = predict(load_bundle(args.bundle), args.inputs, args.out, salt=args.salt, link_file=args.link_file,
-                      heatmaps=args.heatmaps, sr=args.sr, runtime=args.runtime)
-    print("\n".join(summary.lines()))
-    return 0
-
-
-__all__ = ["OVERLAY_SENTENCE", "Summary", "cmd_predict", "exam_key", "map_to_original", "predict",
-           "register_predict"]
+__all__ = ["OVERLAY_SENTENCE", "RUNTIMES", "Summary", "exam_key", "map_to_original", "predict"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from tlese.files import write_text_atomic
 from tlese.train import engine
 from tlese.train.config import Arm, Experiment, dump_experiment, load_experiment
 from tlese.train.data import PreparedData, make_dataset, prepare
@@ -125,9 +125,7 @@ def _settle_config(experiment: Experiment, run: RunDir, force: bool) -> None:
         if not new_arms:
             return
         merged = {**recorded, "arms": [*recorded["arms"], *new_arms]}
-    temporary = run.config_file.with_name(f".config.yaml.{os.getpid()}.tmp")
-    temporary.write_text(yaml.safe_dump(merged, sort_keys=False))
-    os.replace(temporary, run.config_file)
+    write_text_atomic(run.config_file, yaml.safe_dump(merged, sort_keys=False))
 
 
 def _folds_for(experiment: Experiment, run: RunDir, data: PreparedData) -> pd.DataFrame:
@@ -253,9 +251,7 @@ def assert_no_leakage(split: pd.DataFrame, where: str) -> None:
 
 
 def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.to_csv(temporary, index=False)
-    os.replace(temporary, path)
+    write_text_atomic(path, frame.to_csv(index=False))
 
 
 def run_fold(experiment: Experiment, arm: Arm, fold: int, data: PreparedData, folds: pd.DataFrame, run_dir: Path,

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from tlese.files import sha256_file, write_json_atomic
 from tlese.train.config import Recipe
-from tlese.train.rundir import StageDir, sha256_file, write_json_atomic
+from tlese.train.rundir import StageDir
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import pandas as pd
 
+from tlese.files import sha256_file, write_json_atomic
+
 MADE_FROM = "made_from.json"
 DONE = "done.json"
 PREDICTIONS_IMAGES = "predictions_images.csv"
@@ -41,14 +43,6 @@ class StaleRunError(ValueError):
     """A run folder holds results made from other settings or data than the ones asked for now."""
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint(value: Any) -> str:
     """Short SHA-256 of a JSON-able value (sorted keys): equal settings, equal fingerprint."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -62,13 +56,6 @@ def differences(recorded: Any, current: Any, prefix: str = "") -> list[str]:
             found += differences(recorded.get(key), current.get(key), f"{prefix}{key}.")
         return found
     return [] if recorded == current else [f"{prefix.rstrip('.')}: {recorded!r} -> {current!r}"]
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON through a temporary file and a rename: a kill leaves the old file or the new one, never half."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(value, indent=2, default=str))
-    os.replace(temporary, path)
 
 
 def read_json(path: Path) -> dict:

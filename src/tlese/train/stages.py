@@ -14,10 +14,11 @@ from pathlib import Path
 import pandas as pd
 from torch import nn
 
+from tlese.files import sha256_file, write_json_atomic
 from tlese.train import engine
 from tlese.train.config import TRANSFER, Arm, Experiment
 from tlese.train.data import PreparedData, make_dataset, prepare
-from tlese.train.rundir import EXECUTION_KEYS, ArmDir, read_json, sha256_file, write_json_atomic
+from tlese.train.rundir import EXECUTION_KEYS, ArmDir, read_json
 
 log = logging.getLogger(__name__)
 
