@@ -16,6 +16,9 @@ def _add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. --set target_recipe.epochs=3 (repeatable)")
     parser.add_argument("--arm", action="append", default=None, help="run only this arm (repeatable)")
     parser.add_argument("--fold", type=int, default=None, help="run only this fold (one job per fold on a cluster)")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="run only this repeat of a repeated CV (`repeats` in the config; one job per repeat and "
+                             "fold on a cluster)")
     parser.add_argument("--no-resume", action="store_true",
                         help="retrain the chosen folds even where they finished (and stage 1 when all folds run)")
     parser.add_argument("--force", action="store_true",
@@ -88,7 +91,8 @@ def cmd_cv(args) -> int:
 
     _logging()
     experiment = load_experiment(args.config, args.overrides)
-    run_dir = run_cv(experiment, arms=args.arm, fold=args.fold, resume=not args.no_resume, force=args.force)
+    run_dir = run_cv(experiment, arms=args.arm, fold=args.fold, resume=not args.no_resume, force=args.force,
+                     repeat=args.repeat)
     print(f"run folder: {run_dir}  (aggregate with: tlese merge {run_dir})")
     return 0
 

@@ -141,6 +141,9 @@ class Experiment:
     fusion: str = "mean_logits"
     folds: int = 5
     folds_file: str = ""  # reuse saved folds (CSV) instead of making new ones
+    # Repeated k-fold CV: repeat i draws its own patient-level folds and trains with its own seed
+    # (tlese.train.rundir.repeat_seed); repeat 0 is the single CV.
+    repeats: int = 1
     prepare_workers: int = 2
     target: DataSource = field(default_factory=DataSource)
     cxr: DataSource = field(default_factory=DataSource)
@@ -153,6 +156,11 @@ class Experiment:
         _choice(self.views, ("single", "dual"), "views")
         if self.folds < 2:
             raise ConfigError(f"folds must be >= 2, got {self.folds}")
+        if self.repeats < 1:
+            raise ConfigError(f"repeats must be >= 1, got {self.repeats}")
+        if self.repeats > 1 and self.folds_file:
+            raise ConfigError("folds_file fixes one partition of the patients; repeats > 1 draws a new one per repeat "
+                              "(drop folds_file, or set repeats: 1)")
         if not self.arms:
             raise ConfigError("arms: at least one arm (model + transfer mode) is required")
         names = [arm.name for arm in self.arms]
@@ -179,6 +187,14 @@ class Experiment:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def for_repeat(self, repeat: int) -> Experiment:
+        """The experiment as repeat `repeat` runs it: the same settings with that repeat's folds and training seed."""
+        from tlese.train.rundir import repeat_seed
+
+        if not 0 <= repeat < self.repeats:
+            raise ConfigError(f"repeat {repeat} does not exist; repeats: 0..{self.repeats - 1}")
+        return dataclasses.replace(self, seed=repeat_seed(self.seed, repeat))
 
 
 def _choice(value: str, choices: tuple[str, ...], key: str) -> None:

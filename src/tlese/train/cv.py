@@ -1,8 +1,10 @@
 """Patient-level k-fold cross-validation of every arm on the same folds, one fold at a time or all of them.
 
-The run folder's layout and its records belong to `tlese.train.rundir`. Every fold can run as its own job
-(`--fold k`); `merge` aggregates whatever folds are finished. Before anything is reused it is checked against what
-made it; a changed setting is refused (or, with `force`, retrained), never silently credited.
+The run folder's layout and its records belong to `tlese.train.rundir`. Every (repeat, fold) can run as its own job
+(`--repeat i --fold k`); `merge` aggregates whatever folds are finished. Repeat i of a repeated CV is the same
+experiment with its own seed (`Experiment.for_repeat`): its own patient-level folds and training seed. Before
+anything is reused it is checked against what made it; a changed setting is refused (or, with `force`, retrained),
+never silently credited.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tlese.train.data import PreparedData, make_dataset, prepare
 from tlese.train.rundir import (
     EXECUTION_KEYS,
     RUN_ONLY_KEYS,
+    ArmDir,
     FoldDir,
     RunDir,
     StaleRunError,
@@ -122,9 +125,11 @@ def _settle_config(experiment: Experiment, run: RunDir, force: bool) -> None:
                                         if name not in {a["name"] for a in current["arms"]}]]}
     else:
         new_arms = [arm for arm in current["arms"] if arm["name"] not in recorded_arms]
-        if not new_arms:
+        more_repeats = current["repeats"] > recorded.get("repeats", 1)  # repeats added later: the others stand
+        if not new_arms and not more_repeats:
             return
-        merged = {**recorded, "arms": [*recorded["arms"], *new_arms]}
+        merged = {**recorded, "arms": [*recorded["arms"], *new_arms],
+                  "repeats": max(current["repeats"], recorded.get("repeats", 1))}
     write_text_atomic(run.config_file, yaml.safe_dump(merged, sort_keys=False))
 
 
@@ -146,9 +151,8 @@ def _folds_for(experiment: Experiment, run: RunDir, data: PreparedData) -> pd.Da
     return folds
 
 
-def setup_run(experiment: Experiment, force: bool = False) -> tuple[Path, PreparedData, pd.DataFrame]:
-    """Settle the run's config, prepare the target data, make (or reuse, checked) the folds."""
-    from tlese.data.splits import fold_summary
+def setup_run(experiment: Experiment, force: bool = False) -> tuple[Path, PreparedData]:
+    """Settle the run's config and prepare the target data."""
     from tlese.provenance import environment_info
 
     run = RunDir.of(experiment)
@@ -157,16 +161,26 @@ def setup_run(experiment: Experiment, force: bool = False) -> tuple[Path, Prepar
     if not run.environment_file.is_file():  # each fold job records its own; this is the run's first
         write_json_atomic(run.environment_file, {**environment_info(), "seed": experiment.seed})
 
-    data = prepare(experiment.target, experiment)
-    folds = _folds_for(experiment, run, data)
+    return run.path, prepare(experiment.target, experiment)
+
+
+def repeat_folds(experiment: Experiment, run: RunDir, data: PreparedData, repeat: int) -> tuple[Experiment,
+                                                                                                pd.DataFrame]:
+    """Repeat `repeat` of the experiment (its seed) and its folds: saved ones (checked), a given fold file, or new;
+    the folds' class counts go to the repeat's data summary and their warnings to the run's notes."""
+    from tlese.data.splits import fold_summary
+
+    repeated = experiment.for_repeat(repeat)
+    folds = _folds_for(repeated, run, data)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         summary = fold_summary(data.table, folds)
     for caught_warning in caught:  # kept for the report, and still shown to the user
-        data.notes.append(str(caught_warning.message))
+        message = str(caught_warning.message)
+        data.notes.append(message if experiment.repeats == 1 else f"repeat {repeat}: {message}")
         warnings.warn(caught_warning.message, stacklevel=2)
-    summary.to_csv(run.data_summary_file, index=False)
-    return run.path, data, folds
+    summary.to_csv(run.data_summary_file_of(repeat), index=False)
+    return repeated, folds
 
 
 def folds_fingerprint(folds: pd.DataFrame) -> str:
@@ -255,12 +269,15 @@ def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
 
 
 def run_fold(experiment: Experiment, arm: Arm, fold: int, data: PreparedData, folds: pd.DataFrame, run_dir: Path,
-             resume: bool = True, force: bool = False, cxr_data: PreparedData | None = None) -> Path:
+             resume: bool = True, force: bool = False, cxr_data: PreparedData | None = None,
+             repeat: int = 0) -> Path:
     """Train stage 2 of `arm` on the other folds and predict the held-out `fold`; returns the fold's folder.
 
-    `cxr_data`: the prepared stage-1 data, when the caller has it already (it is prepared here otherwise)."""
+    `experiment` and `folds` are those of `repeat` (see repeat_folds). `cxr_data`: the prepared stage-1 data, when the
+    caller has it already (it is prepared here otherwise)."""
     run = RunDir(run_dir)
-    fold_dir = run.arm(arm.name).fold(fold)
+    arm_dir = run.arm(arm.name, repeat)
+    fold_dir = arm_dir.fold(fold)
     stage1 = None
     if engine_uses_cxr(arm):
         cxr_data = cxr_data or prepare(experiment.cxr, experiment)
@@ -271,14 +288,15 @@ def run_fold(experiment: Experiment, arm: Arm, fold: int, data: PreparedData, fo
             fold_dir.clear()
         fold_dir.claim(made_from, force=force)
         if fold_dir.is_predicted():
-            log.info("%s fold %d already predicted from the same settings, skipping", arm.name, fold)
+            log.info("%s repeat %d fold %d already predicted from the same settings, skipping", arm.name, repeat,
+                     fold)
             return fold_dir.path
-        _train_and_predict(experiment, arm, fold_dir, data, folds, run, force, made_from, cxr_data)
+        _train_and_predict(experiment, arm, arm_dir, fold_dir, data, folds, force, made_from, cxr_data)
     return fold_dir.path
 
 
-def _train_and_predict(experiment: Experiment, arm: Arm, fold_dir: FoldDir, data: PreparedData, folds: pd.DataFrame,
-                       run: RunDir, force: bool, made_from: dict, cxr_data: PreparedData | None) -> None:
+def _train_and_predict(experiment: Experiment, arm: Arm, arm_dir: ArmDir, fold_dir: FoldDir, data: PreparedData,
+                       folds: pd.DataFrame, force: bool, made_from: dict, cxr_data: PreparedData | None) -> None:
     """Train (or resume) the fold's stage 2 and write its split, predictions and record (the record last)."""
     fold = fold_dir.fold
     recipe = experiment.target_recipe
@@ -291,7 +309,7 @@ def _train_and_predict(experiment: Experiment, arm: Arm, fold_dir: FoldDir, data
     started = time.time()
     seed = experiment.seed + fold
     # Model initialisation (heads, ESE, scratch arms) is seeded too, inside initial_model.
-    model, init = initial_model(arm, experiment, data.num_classes, run.arm(arm.name), seed=seed, force=force,
+    model, init = initial_model(arm, experiment, data.num_classes, arm_dir, seed=seed, force=force,
                                 cxr_data=cxr_data)
     modality, views = data.task.modality, experiment.views
     result = engine.fit(model, make_dataset(train, views, modality, train=True, recipe=recipe, seed=seed),
@@ -317,7 +335,8 @@ def _train_and_predict(experiment: Experiment, arm: Arm, fold_dir: FoldDir, data
     _write_csv_atomic(image_predictions, fold_dir.image_predictions_file)
     # The record is written last: a fold counts as predicted only once it exists (see FoldDir.is_predicted).
     write_json_atomic(fold_dir.record_file, {
-        "arm": arm.name, "model": arm.model, "transfer": arm.transfer, "fold": fold, "seed": seed,
+        "arm": arm.name, "model": arm.model, "transfer": arm.transfer, "repeat": arm_dir.repeat, "fold": fold,
+        "seed": seed,
         "made_from": fingerprint(made_from), "init": init.to_dict(),
         "train_patients": int(train["patient_id"].nunique()), "val_patients": int(val["patient_id"].nunique()),
         "test_patients": int(test["patient_id"].nunique()), "train_images": len(train), "val_images": len(val),
@@ -325,8 +344,8 @@ def _train_and_predict(experiment: Experiment, arm: Arm, fold_dir: FoldDir, data
         "epochs_run": result.epochs_run, "world_size": result.world_size, "seconds": round(time.time() - started, 1),
         "run_by": _run_by(),
     })
-    log.info("%s fold %d: %d epochs in %.0f s; %d held-out images of %d patients predicted", arm.name, fold,
-             result.epochs_run, time.time() - started, len(test), test["patient_id"].nunique())
+    log.info("%s repeat %d fold %d: %d epochs in %.0f s; %d held-out images of %d patients predicted", arm.name,
+             arm_dir.repeat, fold, result.epochs_run, time.time() - started, len(test), test["patient_id"].nunique())
 
 
 def _run_by() -> dict:
@@ -341,25 +360,32 @@ def _run_by() -> dict:
 
 
 def run_cv(experiment: Experiment, arms: list[str] | None = None, fold: int | None = None,
-           resume: bool = True, force: bool = False) -> Path:
-    """Run the chosen arms (default: all) on the chosen fold (default: all) and return the run folder."""
+           resume: bool = True, force: bool = False, repeat: int | None = None) -> Path:
+    """Run the chosen arms (default: all) on the chosen fold (default: all) of the chosen repeat (default: all) and
+    return the run folder. Repeats run one after the other, each arm's stage 1 once per repeat (its training seed)."""
     chosen = check_experiment(experiment, arms)
     if fold is not None and not 0 <= fold < experiment.folds:
         raise ValueError(f"fold {fold} does not exist; folds: 0..{experiment.folds - 1}")
-    run_dir, data, folds = setup_run(experiment, force=force)
+    if repeat is not None and not 0 <= repeat < experiment.repeats:
+        raise ValueError(f"repeat {repeat} does not exist; repeats: 0..{experiment.repeats - 1} (set `repeats`)")
+    run_dir, data = setup_run(experiment, force=force)
+    run = RunDir(run_dir)
+    repeats = range(experiment.repeats) if repeat is None else [repeat]
+    planned = [(index, *repeat_folds(experiment, run, data, index)) for index in repeats]
     cxr_data = prepare(experiment.cxr, experiment) if any(engine_uses_cxr(arm) for arm in chosen) else None
-    notes = data.notes + (cxr_data.notes if cxr_data else [])
-    write_json_atomic(RunDir(run_dir).notes_file, notes)
-    fold_ids = sorted(folds["fold"].unique()) if fold is None else [fold]
-    if not resume:  # retrain the chosen folds, and stage 1 only when all folds are retrained (not per cluster job)
+    write_json_atomic(run.notes_file, list(dict.fromkeys(data.notes + (cxr_data.notes if cxr_data else []))))
+    for index, repeated, folds in planned:
+        fold_ids = sorted(folds["fold"].unique()) if fold is None else [fold]
+        if not resume:  # retrain the chosen folds, and stage 1 only when all its folds are retrained (not per job)
+            for arm in chosen:
+                arm_dir = run.arm(arm.name, index)
+                for stage in [*(arm_dir.fold(k) for k in fold_ids), *([arm_dir.stage1] if fold is None else [])]:
+                    with stage.lock():
+                        stage.clear()
         for arm in chosen:
-            arm_dir = RunDir(run_dir).arm(arm.name)
-            for stage in [*(arm_dir.fold(k) for k in fold_ids), *([arm_dir.stage1] if fold is None else [])]:
-                with stage.lock():
-                    stage.clear()
-    for arm in chosen:
-        for fold_id in fold_ids:
-            run_fold(experiment, arm, int(fold_id), data, folds, run_dir, force=force, cxr_data=cxr_data)
+            for fold_id in fold_ids:
+                run_fold(repeated, arm, int(fold_id), data, folds, run_dir, force=force, cxr_data=cxr_data,
+                         repeat=index)
     return run_dir
 
 

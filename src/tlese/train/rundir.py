@@ -5,6 +5,9 @@ Layout (`<output_dir>/<name>/`):
     <arm>/stage1_cxr/     made_from.json, start.json, stage_summary.json, done.json, checkpoints/, logs/
     <arm>/fold_<k>/       made_from.json, split.csv, fold_info.json, done.json, checkpoints/, logs/,
                           predictions_images.csv, predictions_breasts.csv
+    <arm>/repeat_<i>/     stage1_cxr/ and fold_<k>/ of repeat i >= 1 of a repeated CV (repeat 0 is the plain layout
+                          above, so a single CV is repeat 0 of a repeated one); folds_seed<repeat seed>_k<k>.csv and
+                          data_summary_repeat<i>.csv beside the config
 
 Every other module asks this one for a path, never spells it. A stage or fold records, before it trains, what it is made
 from (`made_from.json`: the arm's resolved settings, the data and folds hashes, the stage-1 fingerprint, the code
@@ -35,8 +38,17 @@ PREDICTIONS_BREASTS = "predictions_breasts.csv"
 # Settings that change how a job runs, not what it computes: per-fold jobs may differ in them.
 EXECUTION_KEYS = frozenset({"progress_bar", "num_workers", "devices", "num_nodes", "strategy", "accelerator"})
 # Top-level keys that say where things are or how much to report, not what is trained.
+# `repeats` says how many repeats exist, not what any of them computes (each repeat records its own seed).
 RUN_ONLY_KEYS = frozenset({"name", "output_dir", "cache_dir", "prepare_workers", "bootstrap", "folds_file", "arms",
-                           "prepare_max_skipped"})
+                           "prepare_max_skipped", "repeats"})
+# Repeat i of a repeated CV draws its folds and trains with seed + REPEAT_SEED_STEP * i: far enough apart that the
+# per-fold training seeds (seed + fold) of two repeats never coincide.
+REPEAT_SEED_STEP = 1000
+
+
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The folds and training seed of repeat `repeat` of a run with base `seed` (repeat 0: the seed itself)."""
+    return int(seed) + REPEAT_SEED_STEP * int(repeat)
 
 
 class StaleRunError(ValueError):
@@ -214,11 +226,15 @@ class FoldDir(StageDir):
 
 @dataclass(frozen=True)
 class ArmDir:
+    """One arm of one repeat: its stage 1 and its folds."""
+
     path: Path
+    arm: str = ""
+    repeat: int = 0
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.arm or self.path.name
 
     @property
     def stage1(self) -> StageDir:
@@ -276,8 +292,24 @@ class RunDir:
     def folds_file(self, seed: int, k: int) -> Path:
         return self.path / f"folds_seed{seed}_k{k}.csv"
 
-    def arm(self, name: str) -> ArmDir:
-        return ArmDir(self.path / name)
+    def data_summary_file_of(self, repeat: int) -> Path:
+        """The fold summary of a repeat's folds (repeat 0: data_summary.csv)."""
+        return self.data_summary_file if repeat == 0 else self.path / f"data_summary_repeat{int(repeat)}.csv"
+
+    def arm(self, name: str, repeat: int = 0) -> ArmDir:
+        """The arm's folder of one repeat (repeat 0 is the arm folder itself)."""
+        path = self.path / name if repeat == 0 else self.path / name / f"repeat_{int(repeat)}"
+        return ArmDir(path, arm=name, repeat=int(repeat))
+
+    def arm_repeats(self, name: str) -> list[int]:
+        """The repeats of an arm that have a folder (repeat 0 when the arm folder holds folds or stage 1)."""
+        base = self.path / name
+        found = [0] if any(base.glob("fold_*")) or (base / "stage1_cxr").is_dir() else []
+        for path in base.glob("repeat_*"):
+            suffix = path.name.removeprefix("repeat_")
+            if path.is_dir() and suffix.isdigit() and int(suffix) > 0:
+                found.append(int(suffix))
+        return sorted(found)
 
     def require(self) -> None:
         if not self.config_file.is_file():

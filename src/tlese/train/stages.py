@@ -43,7 +43,7 @@ def seed_everything(seed: int) -> None:
 
 
 _WARNED_MISSING: set[str] = set()
-_LOGGED_STAGE1: set[str] = set()
+_LOGGED_STAGE1: set[tuple[str, int]] = set()
 
 
 def settings(value: dict) -> dict:
@@ -105,9 +105,10 @@ def run_cxr_stage(arm: Arm, experiment: Experiment, arm_dir: ArmDir, resume: boo
                   force: bool = False, data: PreparedData | None = None) -> tuple[Path, dict]:
     """Stage 1: fine-tune the arm's model on chest X-rays; returns the selected checkpoint and the stage's summary.
 
-    The stage is trained once per arm: concurrent fold jobs wait on its lock and reuse it. Its summary (ImageNet
-    loaded or not, the selected epoch's validation metrics, the checkpoint's checksum) is written when it trains and
-    only read afterwards, so a later job on another machine cannot rewrite what stage 1 started from.
+    The stage is trained once per arm and training seed (repeat): concurrent fold jobs wait on its lock and reuse it.
+    Its summary (ImageNet loaded or not, the selected epoch's validation metrics, the checkpoint's checksum) is
+    written when it trains and only read afterwards, so a later job on another machine cannot rewrite what stage 1
+    started from.
     """
     stage = arm_dir.stage1
     data = data or prepare(experiment.cxr, experiment)
@@ -123,8 +124,8 @@ def run_cxr_stage(arm: Arm, experiment: Experiment, arm_dir: ArmDir, resume: boo
         else:
             summary = _train_cxr_stage(arm, experiment, data, arm_dir, resume)
             checkpoint = stage.best_checkpoint()
-    if arm.name not in _LOGGED_STAGE1:  # each fold asks for the stage-1 checkpoint; it is trained once
-        _LOGGED_STAGE1.add(arm.name)
+    if (arm.name, experiment.seed) not in _LOGGED_STAGE1:  # each fold asks for it; it is trained once per seed
+        _LOGGED_STAGE1.add((arm.name, experiment.seed))
         chosen = summary.get("selected") or {}
         log.info("%s stage 1 (chest X-ray, ImageNet %s): %d epochs; selected epoch %s, internal validation accuracy %s",
                  arm.name, summary["imagenet"], summary["epochs"], chosen.get("epoch", "n/a"),
