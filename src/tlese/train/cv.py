@@ -373,7 +373,9 @@ def run_cv(experiment: Experiment, arms: list[str] | None = None, fold: int | No
     repeats = range(experiment.repeats) if repeat is None else [repeat]
     planned = [(index, *repeat_folds(experiment, run, data, index)) for index in repeats]
     cxr_data = prepare(experiment.cxr, experiment) if any(engine_uses_cxr(arm) for arm in chosen) else None
-    write_json_atomic(run.notes_file, list(dict.fromkeys(data.notes + (cxr_data.notes if cxr_data else []))))
+    # Jobs of other repeats and arms write notes too: keep theirs.
+    notes = run.notes() + data.notes + (cxr_data.notes if cxr_data else [])
+    write_json_atomic(run.notes_file, list(dict.fromkeys(notes)))
     for index, repeated, folds in planned:
         fold_ids = sorted(folds["fold"].unique()) if fold is None else [fold]
         if not resume:  # retrain the chosen folds, and stage 1 only when all its folds are retrained (not per job)
