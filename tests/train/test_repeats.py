@@ -115,3 +115,45 @@ def test_repeats_added_to_a_finished_single_run_keep_it_as_repeat_0(synth, tmp_p
     assert yaml.safe_load(RunDir(single).config_file.read_text())["repeats"] == 2
     assert RunDir(single).arm_repeats("plain_scratch") == [0, 1]
     assert pd.read_csv(RunDir(single).arm("plain_scratch", 1).fold(0).image_predictions_file).shape[0] > 0
+
+
+def test_merge_over_repeats_reports_each_repeat_and_tests_the_arms(repeated):
+    from tlese.train.merge import merge_run
+
+    report = merge_run(repeated, references=["plain_scratch"])["md"].read_text()
+    per_repeat = pd.read_csv(repeated / "repeats.csv")
+    assert sorted(map(tuple, per_repeat[["arm", "repeat"]].to_numpy())) == [
+        ("plain_cxr", 0), ("plain_cxr", 1), ("plain_scratch", 0), ("plain_scratch", 1)]
+    assert per_repeat["complete"].all() and (per_repeat["folds"] == 3).all()
+    summary = pd.read_csv(repeated / "repeat_summary.csv")
+    assert set(summary["arm"]) == {"plain_cxr", "plain_scratch"}
+    tests = pd.read_csv(repeated / "repeat_tests.csv")
+    corrected = tests[(tests["test"] == "corrected resampled t-test") & (tests["metric"] == "accuracy")].iloc[0]
+    assert corrected["model"] == "plain_cxr" and corrected["n_units"] == 6
+    folds = pd.read_csv(repeated / "repeat_folds.csv").set_index(["arm", "repeat", "fold"])["accuracy"]
+    diffs = (folds.loc["plain_cxr"] - folds.loc["plain_scratch"]).to_numpy()
+    assert corrected["diff"] == pytest.approx(diffs.mean())
+    bootstrap = tests[tests["test"] == "paired patient bootstrap"]
+    assert set(bootstrap["repeat"].astype(int)) == {0, 1}
+    assert "Corrected resampled t-test" in report and "repeats_macro_auc.png" in report
+    assert (repeated / "plots" / "repeats_accuracy.png").stat().st_size > 1000
+
+
+def test_a_missing_repeat_fold_job_leaves_merge_reporting_the_rest_and_naming_it(repeated, tmp_path):
+    import shutil
+
+    from tlese.train.merge import merge_run
+
+    copy = tmp_path / "copy"
+    shutil.copytree(repeated, copy)
+    (RunDir(copy).arm("plain_cxr", 1).fold(2).record_file).unlink()  # that job never finished
+    report = merge_run(copy, references=["plain_scratch"])["md"].read_text()
+    assert "plain_cxr: repeat 1 fold 2" in report
+    per_repeat = pd.read_csv(copy / "repeats.csv").set_index(["arm", "repeat"])
+    assert not per_repeat.loc[("plain_cxr", 1), "complete"] and per_repeat.loc[("plain_cxr", 1), "folds"] == 2
+    assert per_repeat.loc[("plain_scratch", 1), "complete"]
+    summary = pd.read_csv(copy / "repeat_summary.csv").set_index("arm")
+    assert summary.loc["plain_cxr", "n_repeats"] == 1  # the partial repeat is shown, not averaged in
+    tests = pd.read_csv(copy / "repeat_tests.csv")
+    corrected = tests[(tests["test"] == "corrected resampled t-test") & (tests["metric"] == "accuracy")].iloc[0]
+    assert corrected["n_units"] == 5 and corrected["n_dropped"] == 1

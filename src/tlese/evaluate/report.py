@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import yaml
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from sklearn.metrics import auc as area_under_curve
 from sklearn.metrics import roc_curve
 
@@ -189,6 +190,70 @@ def plot_learning_curves(history: pd.DataFrame, path, title: str = "Learning cur
     return _save(figure, path)
 
 
+def plot_repeats(per_repeat: pd.DataFrame, metric: str, path, title: str | None = None,
+                 label_repeats: bool | None = None) -> Path:
+    """One metric of a repeated k-fold CV: per arm (x axis) a strip of points, one per repeat, and beside it the mean
+    (wide marker) with whiskers for ± sd over the repeats.
+
+    ``per_repeat`` has ``arm, repeat`` and the ``metric`` column (e.g. the pooled out-of-fold metric of each repeat);
+    arms may have different numbers of repeats, and one repeat gives a mean without whiskers. With a ``complete``
+    column, incomplete repeats (folds missing) are drawn hollow and left out of the mean ± sd unless the arm has no
+    complete one. Points are jittered deterministically by their rank within the arm. ``label_repeats`` writes each
+    point's repeat number beside it (default: when no arm has more than 10 repeats).
+    """
+    missing = [column for column in ("arm", "repeat", metric) if column not in per_repeat.columns]
+    if missing:
+        raise ValueError(f"per_repeat lacks the columns {missing}; it has {list(per_repeat.columns)}")
+    arms = list(pd.unique(per_repeat["arm"]))
+    if not arms:
+        raise ValueError("per_repeat has no rows to plot")
+    counts = per_repeat.groupby("arm", sort=False).size()
+    if label_repeats is None:
+        label_repeats = int(counts.max()) <= 10
+    figure = Figure(figsize=(max(4.0, 1.5 + 1.4 * len(arms)), 4.2), layout="constrained")
+    axes = figure.subplots()
+    incomplete_drawn = False
+    for position, arm in enumerate(arms):
+        rows = per_repeat[per_repeat["arm"] == arm].sort_values("repeat")
+        values = rows[metric].to_numpy(dtype=float)
+        complete = rows["complete"].to_numpy(dtype=bool) if "complete" in rows.columns else np.ones(len(rows), bool)
+        defined = np.isfinite(values)
+        # Spread the strip over [-0.2, 0.1] of the arm's slot, left of the mean marker at +0.25.
+        jitter = np.linspace(-0.2, 0.1, len(rows)) if len(rows) > 1 else np.array([-0.05])
+        x = position + jitter
+        colour = f"C{position % 10}"
+        axes.scatter(x[defined & complete], values[defined & complete], s=28, color=colour, zorder=3)
+        if (defined & ~complete).any():
+            incomplete_drawn = True
+            axes.scatter(x[defined & ~complete], values[defined & ~complete], s=28, facecolors="none",
+                         edgecolors=colour, zorder=3)
+        if label_repeats:
+            for x_point, value, repeat in zip(x[defined], values[defined], rows["repeat"].to_numpy()[defined]):
+                axes.annotate(_fold_label(repeat), (x_point, value), xytext=(3, 2), textcoords="offset points",
+                              fontsize=7, color="dimgrey")
+        used = values[defined & complete] if (defined & complete).any() else values[defined]
+        if used.size:
+            sd = float(np.std(used, ddof=1)) if used.size > 1 else None
+            axes.errorbar(position + 0.25, float(used.mean()), yerr=sd, fmt="_", markersize=16, markeredgewidth=2,
+                          capsize=4, color="black", zorder=4)
+        else:
+            axes.annotate("not defined", (position, 0.5), xycoords=("data", "axes fraction"), ha="center",
+                          fontsize=8, color="dimgrey")
+    axes.set_xticks(range(len(arms)), [f"{arm}\n({counts[arm]} repeat{'s' if counts[arm] != 1 else ''})"
+                                       for arm in arms], fontsize=8)
+    axes.set_xlim(-0.6, len(arms) - 0.4)
+    axes.set(ylabel=metric, title=title or f"{metric} per repeat")
+    axes.grid(axis="y", alpha=0.3)
+    handles = [Line2D([], [], marker="o", linestyle="none", color="grey", label="one repeat"),
+               Line2D([], [], marker="_", markersize=12, markeredgewidth=2, linestyle="none", color="black",
+                      label="mean ± sd over repeats")]
+    if incomplete_drawn:
+        handles.append(Line2D([], [], marker="o", linestyle="none", markerfacecolor="none", color="grey",
+                              label="incomplete repeat (not in mean ± sd)"))
+    axes.legend(handles=handles, fontsize=7, loc="best")
+    return _save(figure, path)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Report
 
@@ -256,6 +321,7 @@ def write_report(
     comparison_table: pd.DataFrame | None = None,
     notes: Sequence[str] = (),
     extra_plots: dict[str, Path] | None = None,
+    extra_tables: dict[str, pd.DataFrame] | None = None,
 ) -> dict[str, Path]:
     """Write ``report.md`` and ``report.html`` (plots in ``run_dir/plots``) and return their paths.
 
@@ -263,8 +329,9 @@ def write_report(
     model comparison, ROC curves and confusion matrix of the pooled predictions, learning curves, data summary,
     notes and warnings (the per-fold and pooled metric warnings are added), resolved config (YAML), environment.
     ``extra_plots`` (heading -> PNG path inside ``run_dir``, e.g. from `plot_calibration`) are shown after the
-    built-in plots.
-    The tables are also saved at full precision as CSV in ``run_dir/tables``.
+    built-in plots (e.g. `plot_repeats`); ``extra_tables`` (heading -> table) after the built-in tables.
+    The built-in tables are also saved at full precision as CSV in ``run_dir/tables``; extra tables are the caller's
+    to save.
     """
     run_dir = Path(run_dir)
     plots_dir = run_dir / PLOTS_DIR
@@ -298,7 +365,8 @@ def write_report(
         if table is not None:
             table.to_csv(run_dir / "tables" / f"{name}.csv", index=False)
     tables = [("Metrics", summary_table), ("Per-fold metrics", per_fold_table),
-              ("Model comparison", comparison_table), ("Data summary", data_summary)]
+              ("Model comparison", comparison_table), ("Data summary", data_summary),
+              *(extra_tables or {}).items()]
     config_yaml = yaml.safe_dump(_plain(config or {}), sort_keys=False, allow_unicode=True)
 
     md_path = run_dir / "report.md"

@@ -1,4 +1,5 @@
-"""Uncertainty and model comparison: patient-level (cluster) bootstrap, DeLong's test, paired bootstrap test.
+"""Uncertainty and model comparison: patient-level (cluster) bootstrap, DeLong's test, paired bootstrap test, and the
+corrected resampled t-test over the folds of a repeated k-fold cross-validation.
 
 Why patient-level: a patient contributes several images (two views, two breasts) whose predictions are correlated;
 resampling images as if independent gives confidence intervals that are too narrow. `bootstrap_ci` and
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy.stats import norm, rankdata
+from scipy.stats import t as student_t
 
 from tlese.evaluate.metrics import check_unique_units, unit_key_columns
 
@@ -370,3 +372,129 @@ def delong_per_class(y_true, probs_a, probs_b, class_names: Sequence[str], alpha
     table["p_holm"] = holm_adjust(table["p_value"].to_numpy(dtype=float))
     return table[["class", "n_positive", "n_negative", "auc_a", "auc_b", "diff", "ci_low", "ci_high", "se_diff", "z",
                   "p_value", "p_holm", "note"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Repeated k-fold cross-validation: the corrected resampled t-test.
+
+
+def _examples(units, count: int = 5) -> str:
+    units = sorted(units, key=str)
+    shown = ", ".join(str(unit) for unit in units[:count])
+    return f"[{shown}{', ...' if len(units) > count else ''}]"
+
+
+def _aligned_fold_scores(scores_a, scores_b, drop_unmatched: bool) -> tuple[np.ndarray, np.ndarray, pd.Index | None,
+                                                                              int]:
+    """(a, b, index of the matched units or None, number of units dropped) for `corrected_resampled_ttest`."""
+    if isinstance(scores_a, pd.Series) and isinstance(scores_b, pd.Series):
+        for name, series in (("A", scores_a), ("B", scores_b)):
+            duplicated = series.index[series.index.duplicated()]
+            if len(duplicated):
+                raise ValueError(f"the fold scores of {name} repeat the units {_examples(set(duplicated))}: give one "
+                                 "score per (repeat, fold)")
+        only_a, only_b = scores_a.index.difference(scores_b.index), scores_b.index.difference(scores_a.index)
+        common = scores_a.index.intersection(scores_b.index).sort_values()
+        if len(only_a) or len(only_b):
+            counts = (f"{len(common)} units in both, {len(only_a)} only in A {_examples(only_a)}, "
+                      f"{len(only_b)} only in B {_examples(only_b)}")
+            if not drop_unmatched:
+                raise ValueError(f"the two arms' fold scores do not cover the same (repeat, fold) units: {counts}; "
+                                 "compare them on the same units, or pass drop_unmatched=True")
+            warnings.warn(f"corrected t-test restricted to the common units: {counts}", stacklevel=3)
+        a = scores_a.loc[common].to_numpy(dtype=float)
+        b = scores_b.loc[common].to_numpy(dtype=float)
+        return a, b, common, len(only_a) + len(only_b)
+    if isinstance(scores_a, pd.Series) or isinstance(scores_b, pd.Series):
+        raise ValueError("one arm's fold scores are a Series and the other's are not: pass two Series indexed by "
+                         "(repeat, fold), or two aligned arrays")
+    a, b = np.asarray(scores_a, dtype=float).ravel(), np.asarray(scores_b, dtype=float).ravel()
+    if a.size != b.size:
+        raise ValueError(f"{a.size} fold scores for A and {b.size} for B: unindexed scores must be aligned arrays "
+                         "(pass pandas Series indexed by (repeat, fold) to match them by unit)")
+    return a, b, None, 0
+
+
+def _mean_size(value, name: str) -> float:
+    sizes = np.asarray(value, dtype=float).ravel()
+    if sizes.size == 0 or not np.all(np.isfinite(sizes)) or np.any(sizes <= 0):
+        raise ValueError(f"{name} must be a positive number of units (or one per fold), got {value!r}")
+    return float(sizes.mean())
+
+
+def _n_repeats(index: pd.Index | None) -> int | None:
+    if index is None:
+        return None
+    if "repeat" in (index.names or []):
+        return int(index.get_level_values("repeat").nunique())
+    return int(index.get_level_values(0).nunique()) if isinstance(index, pd.MultiIndex) else None
+
+
+def _t_statistic(mean: float, variance: float, all_equal: bool) -> tuple[float, float]:
+    """(t, unscaled se); all differences equal: t = 0 when they are 0, else +-inf (see the caller's docstring)."""
+    if all_equal:
+        return (0.0 if mean == 0 else float(np.copysign(np.inf, mean))), 0.0
+    se = float(np.sqrt(variance))
+    return mean / se, se
+
+
+def corrected_resampled_ttest(scores_a, scores_b, n_train, n_test, alpha: float = 0.05,
+                              drop_unmatched: bool = False) -> dict:
+    """Corrected repeated k-fold cross-validation t-test of two arms' fold-level scores (A - B).
+
+    Nadeau & Bengio (2003), "Inference for the generalization error", Machine Learning 52:239-281; the repeated
+    k-fold form of Bouckaert & Frank (2004), "Evaluating the replicability of significance tests for comparing
+    learning algorithms", PAKDD, LNCS 3056:3-12. Why the correction: the folds' training sets overlap (within a
+    repeat and across repeats), so the n = r x k differences are positively correlated; the naive paired t-test
+    divides their variance by n as if independent, which makes it too small and the type-I error far above alpha.
+
+    With ``d_j = a_j - b_j``, j = 1..n: ``t = mean(d) / sqrt((1/n + n_test/n_train) * var(d, ddof=1))``, ``df =
+    n - 1``, a two-sided p from Student's t and ``CI = mean(d) +- t_{1-alpha/2, df} * sqrt(corrected variance)``.
+
+    ``scores_a, scores_b``: aligned 1-D arrays, or pandas Series indexed by the unit (e.g. a (repeat, fold)
+    MultiIndex), matched on that index; units only one arm has are a ValueError naming them unless
+    ``drop_unmatched``, which tests the common ones and warns. NaN scores are an error (drop them first).
+    ``n_train, n_test``: training and test units (e.g. patients) per fold, scalars or one value per fold; per-fold
+    values are averaged (the correction takes one ratio, the mean test size over the mean training size).
+    All differences equal (zero variance): ``t = 0, p = 1`` when they are all 0, else ``t = +-inf, p = 0`` (an
+    exact, if degenerate, answer); the CI is then the single point ``mean(d)``.
+
+    Returns ``mean_difference, t, df, p, ci_low, ci_high, se`` (the corrected standard error), ``n_units``,
+    ``n_repeats`` (distinct values of the index level ``repeat``, else of a MultiIndex's first level; None for
+    arrays), ``n_dropped``, ``correction`` (n_test / n_train), ``naive_p`` (the uncorrected paired t-test's p, to
+    show what the correction changes).
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    a, b, index, n_dropped = _aligned_fold_scores(scores_a, scores_b, drop_unmatched)
+    differences = a - b
+    undefined = ~np.isfinite(differences)
+    if undefined.any():
+        where = list(index[undefined]) if index is not None else np.flatnonzero(undefined).tolist()
+        raise ValueError(f"fold scores are NaN or infinite for {int(undefined.sum())} units {_examples(where)}: "
+                         "drop those units from both arms first")
+    n = differences.size
+    if n < 2:
+        raise ValueError(f"the corrected t-test needs at least 2 (repeat, fold) units scored by both arms, got {n}")
+    correction = _mean_size(n_test, "n_test") / _mean_size(n_train, "n_train")
+    mean = float(differences.mean())
+    variance = float(differences.var(ddof=1))
+    all_equal = bool(np.all(differences == differences[0]))  # exact: a variance of 1e-34 is rounding, not spread
+    df = n - 1
+    t, se = _t_statistic(mean, (1 / n + correction) * variance, all_equal)
+    naive_t, _ = _t_statistic(mean, variance / n, all_equal)
+    half_width = float(student_t.ppf(1 - alpha / 2, df)) * se
+    return {
+        "mean_difference": mean,
+        "t": float(t),
+        "df": df,
+        "p": float(2 * student_t.sf(abs(t), df)),
+        "ci_low": mean - half_width,
+        "ci_high": mean + half_width,
+        "se": se,
+        "n_units": n,
+        "n_repeats": _n_repeats(index),
+        "n_dropped": n_dropped,
+        "correction": correction,
+        "naive_p": float(2 * student_t.sf(abs(naive_t), df)),
+    }

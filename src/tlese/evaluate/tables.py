@@ -5,6 +5,7 @@
 - `comparison_table`: models against a reference model on the same cases (paired patient bootstrap; DeLong per
   class one-vs-rest).
 - `overview_row`: one arm's headline numbers from its summary table, for a table of arms side by side.
+- `repeat_summary`, `fold_spread`: per arm of a repeated k-fold CV, the spread over repeats and over folds.
 
 Which metrics appear where is declared once, in `tlese.evaluate.metrics.METRICS`.
 """
@@ -183,3 +184,57 @@ def comparison_table(
                          "diff": row.diff, "ci_low": row.ci_low, "ci_high": row.ci_high, "p_value": row.p_value,
                          "p_holm": row.p_holm, "n_units": len(per_patient), "n_dropped": counts["n_dropped"]})
     return pd.DataFrame(rows)
+
+
+def _check_columns(table: pd.DataFrame, needed: Sequence[str], what: str) -> None:
+    missing = [column for column in needed if column not in table.columns]
+    if missing:
+        raise ValueError(f"{what} lacks the columns {missing}; it has {list(table.columns)}")
+
+
+def repeat_summary(per_repeat: pd.DataFrame, metric_columns: Sequence[str]) -> pd.DataFrame:
+    """Per arm of a repeated k-fold CV, each metric over its repeats (one row per ``arm, repeat``, the metric pooled
+    out of fold for that repeat): how far another seed and another partition can move the result.
+
+    One row per arm (in order of appearance): ``arm, n_repeats`` and per metric ``"<metric> (mean ± sd)"``,
+    ``<metric> mean``, ``<metric> sd`` (ddof=1, NaN with one repeat), ``<metric> min``, ``<metric> max``. A repeat
+    where a metric is NaN (undefined) counts in ``n_repeats`` but not in that metric's numbers.
+    """
+    _check_columns(per_repeat, ["arm", "repeat", *metric_columns], "per_repeat")
+    duplicated = per_repeat.duplicated(["arm", "repeat"])
+    if duplicated.any():
+        pairs = list(per_repeat.loc[duplicated, ["arm", "repeat"]].itertuples(index=False, name=None))
+        raise ValueError(f"per_repeat has more than one row for (arm, repeat) {pairs[:5]}")
+    rows = []
+    for arm, group in per_repeat.groupby("arm", sort=False):
+        row = {"arm": arm, "n_repeats": len(group)}
+        for metric in metric_columns:
+            values = group[metric].astype(float)
+            mean, sd = values.mean(), values.std(ddof=1)  # both skip NaN; sd is NaN below two values
+            row.update({f"{metric} (mean ± sd)": format_mean_std(mean, sd), f"{metric} mean": mean,
+                        f"{metric} sd": sd, f"{metric} min": values.min(), f"{metric} max": values.max()})
+        rows.append(row)
+    columns = ["arm", "n_repeats"] + [f"{metric} {part}" for metric in metric_columns
+                                      for part in ("(mean ± sd)", "mean", "sd", "min", "max")]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def fold_spread(per_fold: pd.DataFrame, metric_columns: Sequence[str]) -> pd.DataFrame:
+    """Per arm, the spread of fold-level scores (one row per ``arm, repeat, fold``).
+
+    One row per arm: ``arm, n_repeats, n_folds`` (all (repeat, fold) rows) and per metric ``<metric> fold sd`` (sd
+    of all fold scores pooled over repeats) and ``<metric> within-repeat fold sd`` (the mean over repeats of the sd
+    of that repeat's folds; repeats with one defined fold are skipped). Both ddof=1, NaN where fewer than 2 scores.
+    """
+    _check_columns(per_fold, ["arm", "repeat", "fold", *metric_columns], "per_fold")
+    rows = []
+    for arm, group in per_fold.groupby("arm", sort=False):
+        row = {"arm": arm, "n_repeats": group["repeat"].nunique(), "n_folds": len(group)}
+        for metric in metric_columns:
+            values = group[metric].astype(float)
+            within = values.groupby(group["repeat"]).std(ddof=1)
+            row.update({f"{metric} fold sd": values.std(ddof=1), f"{metric} within-repeat fold sd": within.mean()})
+        rows.append(row)
+    columns = ["arm", "n_repeats", "n_folds"] + [f"{metric} {part}" for metric in metric_columns
+                                                 for part in ("fold sd", "within-repeat fold sd")]
+    return pd.DataFrame(rows, columns=columns)

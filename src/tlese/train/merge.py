@@ -18,6 +18,15 @@ import yaml
 from tlese.train.config import Arm, Experiment, load_experiment
 from tlese.train.cv import assert_no_leakage
 from tlese.train.engine import read_history
+from tlese.train.repeats import (
+    TESTS_EXPLAINED,
+    RepeatResults,
+    collect_repeats,
+    plot_repeat_metrics,
+    repeat_tests,
+    repeats_of,
+    write_repeat_tables,
+)
 from tlese.train.rundir import ArmDir, FoldDir, RunDir
 
 
@@ -96,9 +105,9 @@ def _arm_history(arm_dir: ArmDir) -> pd.DataFrame | None:
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def collect_arm(run: RunDir, arm: Arm, folds: pd.DataFrame) -> ArmResults | None:
-    """One arm's checked predictions; None when no fold has finished."""
-    arm_dir = run.arm(arm.name)
+def collect_arm(run: RunDir, arm: Arm, folds: pd.DataFrame, repeat: int = 0) -> ArmResults | None:
+    """One arm's checked predictions of one repeat (`folds`: that repeat's fold file); None when no fold finished."""
+    arm_dir = run.arm(arm.name, repeat)
     breasts = _arm_predictions(arm_dir, "breasts", folds)
     images = _arm_predictions(arm_dir, "images", folds)
     predictions = breasts if breasts is not None else images
@@ -168,8 +177,10 @@ def _paired_tests(predictions: dict[str, pd.DataFrame], references: list[str], e
     for index, reference in enumerate(references):
         others = {name: frame for name, frame in predictions.items() if name not in references[:index]}
         if len(others) > 1:
+            # Arms with folds still running are compared on the units both have (n_dropped says how many not).
             tables.append(comparison_table(others, class_names, reference=reference,
-                                           n_boot=max(experiment.bootstrap, 200), seed=experiment.seed))
+                                           n_boot=max(experiment.bootstrap, 200), seed=experiment.seed,
+                                           drop_unmatched=True))
     return _holm_over_pairs(pd.concat(tables, ignore_index=True)) if tables else None
 
 
@@ -198,13 +209,16 @@ def merge_run(run_dir: str | Path, references: list[str] | None = None) -> dict[
     folds = load_folds(folds_file)
 
     collected = {arm.name: found for arm in experiment.arms if (found := collect_arm(run, arm, folds)) is not None}
-    if not collected:
+    repeated = _repeats(run, experiment, class_names)
+    with_predictions = list(dict.fromkeys([*collected, *(name for name, _ in (repeated.predictions if repeated
+                                                                                else {}))]))
+    if not with_predictions:
         raise FileNotFoundError(f"{run.path}: no finished fold with predictions yet")
-    references = list(dict.fromkeys(references or [next(iter(collected))]))  # in order, each once
-    missing = [name for name in references if name not in collected]
+    references = list(dict.fromkeys(references or [with_predictions[0]]))  # in order, each once
+    missing = [name for name in references if name not in with_predictions]
     if missing:
         raise ValueError(f"reference arm(s) {missing} have no predictions in {run.path}; arms with predictions: "
-                         f"{list(collected)}")
+                         f"{with_predictions}")
     rows, reports = [], {}
     for name, results in collected.items():
         summary = summary_table(results.predictions, class_names, n_boot=experiment.bootstrap, seed=experiment.seed)
@@ -218,21 +232,43 @@ def merge_run(run_dir: str | Path, references: list[str] | None = None) -> dict[
         rows.append(_overview_row(results, summary))
     overview = pd.DataFrame(rows)
     overview.to_csv(run.path / "comparison.csv", index=False)
-    comparison = _paired_tests({name: results.predictions for name, results in collected.items()}, references,
-                               experiment, class_names)
+    comparison = _paired_tests({name: results.predictions for name, results in collected.items()},
+                               [name for name in references if name in collected], experiment, class_names)
     if comparison is not None:
         comparison.to_csv(run.path / "paired_tests.csv", index=False)
-    first = next(iter(collected))
+    extra_tables, extra_plots, repeat_notes = {}, {}, []
+    if repeated is not None:
+        repeated.tests = repeat_tests(repeated, references, experiment, class_names)
+        extra_tables, extra_plots = write_repeat_tables(run, repeated), plot_repeat_metrics(run, repeated)
+        repeat_notes = [f"{repeats_of(run, experiment)} repeats of {experiment.folds}-fold CV; the arm reports "
+                        "and the tables above the repeats are of repeat 0 (the single-seed analysis)",
+                        TESTS_EXPLAINED,
+                        *([f"(repeat, fold) jobs not finished, not in these numbers: {'; '.join(repeated.missing)}"]
+                          if repeated.missing else [])]
+    if collected:
+        first = next(iter(collected))
+        shown = collected[first].predictions
+    else:  # repeat 0 has nothing yet: the ROC of the first repeat that has
+        (first, first_repeat), shown = next(iter(repeated.predictions.items()))
+        first = f"{first}, repeat {first_repeat}"
     top = write_report(
-        run.path, title=f"{experiment.name}: {len(collected)} arm(s), {experiment.folds}-fold patient-level CV",
-        summary_table=overview, per_fold_table=None, predictions=collected[first].predictions, class_names=class_names,
+        run.path, title=f"{experiment.name}: {len(with_predictions)} arm(s), {experiment.folds}-fold patient-level CV",
+        summary_table=overview, per_fold_table=None, predictions=shown, class_names=class_names,
         history=None, config=config, environment=environment, data_summary=data_summary, comparison_table=comparison,
-        notes=[*notes,
+        extra_tables=extra_tables, extra_plots=extra_plots,
+        notes=[*notes, *repeat_notes,
                f"ROC and confusion matrix shown for the first arm ({first}); each arm's own report is in its folder",
                *[f"{name}: folds not finished {results.missing_folds}" for name, results in collected.items()
                  if results.missing_folds],
                *[f"{name}: {paths['html']}" for name, paths in reports.items()]])
     return {"html": Path(top["html"]), "md": Path(top["md"])}
+
+
+def _repeats(run: RunDir, experiment: Experiment, class_names: list[str]) -> RepeatResults | None:
+    """The repeats' results when the run has more than one repeat, else None."""
+    if repeats_of(run, experiment) < 2:
+        return None
+    return collect_repeats(run, experiment, class_names)
 
 
 def _holm_over_pairs(comparison: pd.DataFrame) -> pd.DataFrame:
