@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
+from tlese.files import write_text_atomic
+
 HEADER_PREFIX = "# tlese-folds "
 
 
@@ -114,9 +116,9 @@ def save_folds(folds: pd.DataFrame, path: str | Path, seed: int | None = None, s
         "source": source if source is not None else folds.attrs.get("source"),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        handle.write(HEADER_PREFIX + json.dumps(meta, sort_keys=True) + "\n")
-        folds[["patient_id", "fold"]].drop_duplicates().to_csv(handle, index=False)
+    # Atomic: a cluster job reading the fold file never sees half of it.
+    text = HEADER_PREFIX + json.dumps(meta, sort_keys=True) + "\n"
+    write_text_atomic(path, text + folds[["patient_id", "fold"]].drop_duplicates().to_csv(index=False))
     return path
 
 

@@ -135,6 +135,12 @@ def _settle_config(experiment: Experiment, run: RunDir, force: bool) -> None:
 
 def _folds_for(experiment: Experiment, run: RunDir, data: PreparedData) -> pd.DataFrame:
     """The run's folds: the saved ones (checked against the data), a given fold file (checked, copied in), or new."""
+
+    with run.folds_lock():  # jobs of one repeat starting together draw its folds once
+        return _locked_folds_for(experiment, run, data)
+
+
+def _locked_folds_for(experiment: Experiment, run: RunDir, data: PreparedData) -> pd.DataFrame:
     from tlese.data.splits import load_folds, make_folds, save_folds
 
     saved = run.folds_file(experiment.seed, experiment.folds)

@@ -296,6 +296,15 @@ class RunDir:
         """The fold summary of a repeat's folds (repeat 0: data_summary.csv)."""
         return self.data_summary_file if repeat == 0 else self.path / f"data_summary_repeat{int(repeat)}.csv"
 
+    @contextmanager
+    def folds_lock(self) -> Iterator[None]:
+        """Held while a fold file is drawn or checked (cluster jobs of one repeat may start at the same moment)."""
+        from filelock import FileLock
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.path / ".folds.lock")):
+            yield
+
     def arm(self, name: str, repeat: int = 0) -> ArmDir:
         """The arm's folder of one repeat (repeat 0 is the arm folder itself)."""
         path = self.path / name if repeat == 0 else self.path / name / f"repeat_{int(repeat)}"
