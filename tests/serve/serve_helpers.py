@@ -7,6 +7,38 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
+CLASSES = ["Luminal A", "Luminal B", "HER2-enriched", "triple negative"]
+SECRETS = {"PatientName": "Zyxwv^Secretname", "PatientID": "SECRET-ID-4711", "PatientBirthDate": "19010203",
+           "AccessionNumber": "ACC998877"}
+
+
+def random_bundle(views: str = "dual", n_models: int = 2, size: int = 64, seed: int = 0):
+    """A real Bundle of random-weight lite0_plain models (BatchNorm statistics taken on random inputs)."""
+    import torch
+
+    from tlese.data.preprocess import PreprocessParams
+    from tlese.models import create_model
+    from tlese.serve.bundle import Bundle
+
+    torch.manual_seed(seed)
+    models = []
+    for _ in range(n_models):
+        model = create_model("lite0_plain", num_classes=len(CLASSES), in_chans=1, views=views)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None
+        model.train()
+        shape = (8, 2, 1, size, size) if views == "dual" else (8, 1, size, size)
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.rand(shape))
+        models.append(model.eval())
+    return Bundle(path=Path("fake-bundle"), sha256="ab" * 32, meta={"model": {"registry_name": "lite0_plain"}},
+                  card={"intended_use": "test only"}, models=models, folds=list(range(n_models)), temperature=1.5,
+                  preprocess=PreprocessParams.build(size, "mammo"), class_names=list(CLASSES), views=views,
+                  image_size=size, in_chans=1)
+
 
 def dicom_copy(source: Path, target: Path, new_study: bool = True, **tags) -> Path:
     """A copy of `source` with new UIDs (a new exam unless `new_study` is False) and `tags` set."""

@@ -22,44 +22,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import torch
 from PIL import Image
-from serve_helpers import cbis_truth, dicom_copy
+from serve_helpers import CLASSES, SECRETS, cbis_truth, dicom_copy
+from serve_helpers import random_bundle as make_bundle
 
 from tlese.data.io import read_image
 from tlese.data.preprocess import PreprocessParams, normalise_intensity, prepare_file
 from tlese.evaluate import explain
-from tlese.models import create_model
 from tlese.serve import predict as predict_module
 from tlese.serve.bundle import Bundle
 from tlese.serve.commands import register_predict
 from tlese.serve.predict import OVERLAY_SENTENCE, exam_key, map_to_original, predict
-
-CLASSES = ["Luminal A", "Luminal B", "HER2-enriched", "triple negative"]
-SECRETS = {"PatientName": "Zyxwv^Secretname", "PatientID": "SECRET-ID-4711", "PatientBirthDate": "19010203",
-           "AccessionNumber": "ACC998877"}
-
-
-def make_bundle(views: str = "dual", n_models: int = 2, size: int = 64, seed: int = 0) -> Bundle:
-    """A real Bundle of random-weight lite0_plain models (BatchNorm statistics taken on random inputs)."""
-    torch.manual_seed(seed)
-    models = []
-    for _ in range(n_models):
-        model = create_model("lite0_plain", num_classes=len(CLASSES), in_chans=1, views=views)
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.reset_running_stats()
-                module.momentum = None
-        model.train()
-        shape = (8, 2, 1, size, size) if views == "dual" else (8, 1, size, size)
-        with torch.no_grad():
-            for _ in range(3):
-                model(torch.rand(shape))
-        models.append(model.eval())
-    return Bundle(path=Path("fake-bundle"), sha256="ab" * 32, meta={"model": {"registry_name": "lite0_plain"}},
-                  card={"intended_use": "test only"}, models=models, folds=list(range(n_models)), temperature=1.5,
-                  preprocess=PreprocessParams.build(size, "mammo"), class_names=list(CLASSES), views=views,
-                  image_size=size, in_chans=1)
 
 
 def by_case(cbis_dicoms, patient: str, side: str, view: str) -> Path:

@@ -36,7 +36,7 @@ import os
 import secrets
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,20 +121,24 @@ class _Prepared:
 
 def predict(bundle: Any, inputs: Sequence[str | Path], out_dir: str | Path, *, salt: str | None = None,
             link_file: str | Path | None = None, heatmaps: bool = False, sr: bool = False,
-            runtime: str = "torch") -> Summary:
+            runtime: str = "torch", predictor: Callable[[np.ndarray], dict] | None = None) -> Summary:
     """Predict every breast found in `inputs` with `bundle` (see `tlese.serve.bundle.load_bundle`) into `out_dir`.
 
     salt: secret for the exam keys (default: `out_dir/.salt`, generated on the first run). link_file: where to write
     the identifying exam key -> StudyInstanceUID / AccessionNumber CSV (opt in). heatmaps: Grad-CAM overlays of the
     predicted class per view, averaged over the fold models. sr: one DICOM SR per study. runtime: "torch" ("onnx"
-    when `tlese.serve.export.OnnxModel` is available).
+    when `tlese.serve.export.OnnxModel` is available). predictor: a `make_predictor` result to use instead of
+    building one for `runtime` (a service builds it once: an ONNX export per call would cost seconds).
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if bundle.views not in ("dual", "single"):
         raise ValueError(f"bundle views must be 'dual' or 'single', got {bundle.views!r}")
+    if predictor is not None:
+        return _predict(bundle, predictor, inputs, Path(out_dir), salt=salt, link_file=link_file,
+                        heatmaps=heatmaps, sr=sr)
     with tempfile.TemporaryDirectory(prefix="tlese-predict-") as workdir:
-        predict_arrays = _runtime(bundle, runtime, Path(workdir))
+        predict_arrays = make_predictor(bundle, runtime, Path(workdir))
         return _predict(bundle, predict_arrays, inputs, Path(out_dir), salt=salt, link_file=link_file,
                         heatmaps=heatmaps, sr=sr)
 
@@ -575,9 +579,14 @@ def _write_aggregates(out_dir: Path, results: dict, bundle: Any, summary: Summar
 # Helpers
 
 
-def _runtime(bundle: Any, runtime: str, workdir: Path | None = None):
+def make_predictor(bundle: Any, runtime: str, workdir: Path | None = None, threads: int | None = None,
+                   spinning: bool = True) -> Callable[[np.ndarray], dict]:
     """The function giving `predict_arrays`' dict for a model input: the bundle's own (torch), or the same
-    ensemble run under ONNX Runtime, each fold model exported to `workdir` (`tlese.serve.export`)."""
+    ensemble run under ONNX Runtime, each fold model exported to `workdir` (`tlese.serve.export`; the sessions hold
+    the models in memory, so `workdir` may be removed afterwards). threads / spinning: ONNX Runtime's intra-op
+    threads and busy-waiting (`OnnxModel`). Both are safe to call from several threads at once."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if runtime == "torch":
         return bundle.predict_arrays
     try:
@@ -590,7 +599,7 @@ def _runtime(bundle: Any, runtime: str, workdir: Path | None = None):
     for index, model in enumerate(bundle.models):
         path = export_onnx(model, Path(workdir) / f"model_{index}.onnx", image_size=int(bundle.preprocess.size),
                            views=bundle.views)
-        sessions.append(OnnxModel(path))
+        sessions.append(OnnxModel(path, threads=threads, spinning=spinning))
 
     def predict_arrays(x: np.ndarray) -> dict[str, np.ndarray]:
         # The ensemble as Bundle.predict_arrays combines it: mean softmax, temperature on the mean, disagreement =
@@ -671,4 +680,4 @@ def _write_json(path: Path, document: dict) -> None:
 # Command line
 
 
-__all__ = ["OVERLAY_SENTENCE", "RUNTIMES", "Summary", "exam_key", "map_to_original", "predict"]
+__all__ = ["OVERLAY_SENTENCE", "RUNTIMES", "Summary", "exam_key", "make_predictor", "map_to_original", "predict"]
