@@ -157,3 +157,17 @@ def test_a_missing_repeat_fold_job_leaves_merge_reporting_the_rest_and_naming_it
     tests = pd.read_csv(copy / "repeat_tests.csv")
     corrected = tests[(tests["test"] == "corrected resampled t-test") & (tests["metric"] == "accuracy")].iloc[0]
     assert corrected["n_units"] == 5 and corrected["n_dropped"] == 1
+
+
+def test_a_log_damaged_by_kill_9_mid_rewrite_is_read_without_its_bad_rows(tmp_path):
+    from tlese.train.engine import read_history
+
+    (tmp_path / "logs" / "version_0").mkdir(parents=True)
+    (tmp_path / "logs" / "version_1").mkdir(parents=True)
+    # Lightning rewrote the file with a new column and was killed: a short header, then a longer row.
+    (tmp_path / "logs" / "version_0" / "metrics.csv").write_text(
+        "epoch,step,train_loss,val_loss,val_acc\n0,3,1.2,1.1,0.5\n1,7,1.0,0.9,0.6,0.7\n")
+    (tmp_path / "logs" / "version_1" / "metrics.csv").write_text("epoch,step,train_loss\n2,11,0.8\n")
+    with pytest.warns(UserWarning, match="damaged log"):
+        history = read_history(tmp_path)
+    assert list(history["epoch"]) == [0, 2]

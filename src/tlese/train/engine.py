@@ -405,9 +405,23 @@ def _as_float(value) -> float | None:
     return None if value is None else float(value)
 
 
+def _read_log(path: Path) -> pd.DataFrame:
+    """One attempt's CSV log. Lightning rewrites the file when a new metric appears, so an attempt killed mid-write can
+    leave rows longer than the header: those rows are skipped with a warning (a resumed attempt logs its own)."""
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        warnings.warn(f"{path}: damaged log of an interrupted attempt ({error}); its unreadable rows are skipped",
+                      stacklevel=2)
+        try:
+            return pd.read_csv(path, on_bad_lines="skip", engine="python")
+        except pd.errors.EmptyDataError:
+            return pd.DataFrame(columns=["epoch"])
+
+
 def read_history(out_dir: str | Path) -> pd.DataFrame:
     """Per-epoch metrics from every CSV log of a stage (one per attempt when resumed), last attempt winning."""
-    frames = [pd.read_csv(path) for path in sorted(Path(out_dir).glob("logs/version_*/metrics.csv"))]
+    frames = [_read_log(path) for path in sorted(Path(out_dir).glob("logs/version_*/metrics.csv"))]
     if not frames:
         return pd.DataFrame(columns=["epoch"])
     merged = pd.concat(frames, ignore_index=True)
