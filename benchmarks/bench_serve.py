@@ -82,20 +82,21 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def start_server(bundle: Path, state: Path, port: int, extra: list[str], wait_s: float = 300.0):
-    """The real `tlese serve` in a subprocess; returns it once /healthz answers."""
+def start_server(bundle: Path, state: Path, port: int, extra: list[str], wait_s: float = 300.0,
+                 env: dict | None = None, log_path: Path | None = None):
+    """The real `tlese serve` in a subprocess; returns it once /healthz answers (the browser test uses it too)."""
     import httpx
 
-    log_file = open(state / "server.log", "wb")  # noqa: SIM115 - closed by stop_server
+    log_path = log_path or state / "server.log"
+    log_file = open(log_path, "wb")  # noqa: SIM115 - closed by stop_server
     process = subprocess.Popen([sys.executable, "-m", "tlese.cli", "serve", str(bundle), "--port", str(port),
                                 "--state-dir", str(state), "--log-level", "warning", *extra],
-                               stdout=log_file, stderr=subprocess.STDOUT)
+                               stdout=log_file, stderr=subprocess.STDOUT, env=env)
     process.log_file = log_file
     end = time.monotonic() + wait_s
     while time.monotonic() < end:
         if process.poll() is not None:
-            raise RuntimeError(f"tlese serve exited with {process.returncode}: "
-                               f"{(state / 'server.log').read_text()[-2000:]}")
+            raise RuntimeError(f"tlese serve exited with {process.returncode}: {log_path.read_text()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
                 return process

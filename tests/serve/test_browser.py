@@ -17,8 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -27,6 +25,7 @@ import pytest
 from serve_helpers import cbis_truth
 
 CHROMIUM = Path("/usr/bin/chromium")
+BENCH_SERVE = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_serve.py"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"]
 pytestmark = pytest.mark.slow
@@ -53,7 +52,6 @@ def playwright_api():
 def server(request, tmp_path):
     """`tlese serve` on a free loopback port; yields (base URL, its TMPDIR, its state folder). The bundle: the tiny
     run's, or TLESE_SERVE_BUNDLE (e.g. the demo's, for the docs' screenshot)."""
-    import httpx
 
     bundle = os.environ.get("TLESE_SERVE_BUNDLE") or request.getfixturevalue("tiny_bundle")
 
@@ -62,31 +60,24 @@ def server(request, tmp_path):
         port = sock.getsockname()[1]
     temporary, state = tmp_path / "server_tmp", tmp_path / "state"
     temporary.mkdir()
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen([sys.executable, "-m", "tlese.cli", "serve", str(bundle), "--host", "127.0.0.1",
-                                "--port", str(port), "--state-dir", str(state)],
-                               env={**os.environ, "TMPDIR": str(temporary)}, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    state.mkdir()
+    process = _bench_serve().start_server(Path(bundle), state, port, [], wait_s=180,
+                                          env={**os.environ, "TMPDIR": str(temporary)},
+                                          log_path=tmp_path / "server.log")
     try:
-        end = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < end, "tlese serve did not come up"
-            time.sleep(0.5)
-        yield base, temporary, state
+        yield f"http://127.0.0.1:{port}", temporary, state
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+        _bench_serve().stop_server(process)
+
+
+def _bench_serve():
+    """The load benchmark's module: it owns starting and stopping a real `tlese serve`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serve", BENCH_SERVE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_the_page_in_chromium(playwright_api, server, cbis_dicoms, tmp_path):

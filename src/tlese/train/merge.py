@@ -210,8 +210,8 @@ def merge_run(run_dir: str | Path, references: list[str] | None = None) -> dict[
 
     collected = {arm.name: found for arm in experiment.arms if (found := collect_arm(run, arm, folds)) is not None}
     repeated = _repeats(run, experiment, class_names)
-    with_predictions = list(dict.fromkeys([*collected, *(name for name, _ in (repeated.predictions if repeated
-                                                                                else {}))]))
+    repeat_arms = [name for name, _ in repeated.predictions] if repeated else []
+    with_predictions = list(dict.fromkeys([*collected, *repeat_arms]))
     if not with_predictions:
         raise FileNotFoundError(f"{run.path}: no finished fold with predictions yet")
     references = list(dict.fromkeys(references or [with_predictions[0]]))  # in order, each once
