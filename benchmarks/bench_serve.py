@@ -351,7 +351,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
         run_result = run(bundle, args.requests, args.concurrency, args.max_seconds, args.request_timeout,
                          [f"--runtime={runtime}", *args.server_arg], log=say)
         runs.append({"runtime": runtime, **run_result})
-    from tlese.serve.bundle import load_bundle
+    from tlese.bundle.format import load_bundle
 
     served = load_bundle(bundle, check_references=False)
     results = {"command": command, "date": now(), "machine": info, "runs": runs, "notes": NOTES,

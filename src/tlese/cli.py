@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "tlese.data.commands",
     "tlese.train.commands",
     "tlese.evaluate.commands",
+    "tlese.predict.commands",
     "tlese.serve.commands",
 )
 

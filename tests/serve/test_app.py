@@ -2,7 +2,7 @@
 upload its 4xx (and the service stays up), no temporary folder outlives its request, no identifier leaves the
 service, and concurrent requests each get their own answer.
 
-The bundle is `serve_helpers.random_bundle` (two random-weight models at 64 px): the service, not the model, is
+The bundle is `exam_helpers.random_bundle` (two random-weight models at 64 px): the service, not the model, is
 under test. Every test's service makes its request folders in a folder of its own, and Python's temporary folder is
 pointed at another one (predict's own temporary folders land there); both must be empty after every test.
 """
@@ -23,15 +23,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from exam_helpers import SECRETS, cbis_truth, dicom_copy, random_bundle
 from PIL import Image
-from serve_helpers import SECRETS, cbis_truth, dicom_copy, random_bundle
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from tlese.predict.pipeline import predict  # noqa: E402
 from tlese.serve import app as app_module  # noqa: E402
 from tlese.serve.app import SharedExclusive, create_app  # noqa: E402
-from tlese.serve.predict import predict  # noqa: E402
 from tlese.serve.uploads import Limits  # noqa: E402
 
 SALT = "test-salt"

@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from serve_helpers import cbis_truth
+from exam_helpers import cbis_truth
 
 CHROMIUM = Path("/usr/bin/chromium")
 BENCH_SERVE = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_serve.py"

@@ -102,7 +102,7 @@ def plot_calibration(y_true, probs, class_names: Sequence[str], path, bins: int 
                      title: str = "Calibration (reliability diagram)") -> Path:
     """Top-label reliability diagram: predictions binned by confidence (max probability) into `bins` equal-width
     bins; per bin the accuracy against the mean confidence (marker area ~ count), the diagonal, and below it the
-    number of predictions per bin. The legend gives the top-label ECE (`tlese.serve.calibration` binning)."""
+    number of predictions per bin. The legend gives the top-label ECE (`tlese.bundle.calibration` binning)."""
     y_true = np.asarray(y_true).astype(int)
     probs = np.asarray(probs, dtype=float)
     if probs.ndim != 2 or probs.shape[1] != len(class_names):

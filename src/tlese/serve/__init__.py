@@ -1,5 +1,1 @@
-"""Serving: freeze a run into a self-checking bundle and run it offline on a CPU (predict, ONNX, DICOM SR)."""
-
-from tlese.serve.bundle import Bundle, BundleError, load_bundle, make_bundle
-
-__all__ = ["Bundle", "BundleError", "load_bundle", "make_bundle"]
+"""The web app: one bundle as a local page and JSON API (FastAPI), on top of the prediction library `tlese.predict`."""

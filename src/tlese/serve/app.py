@@ -11,7 +11,7 @@ docs at /docs too: Swagger UI from `fastapi-offline`), so it works without any i
     GET  /healthz            liveness
     GET  /docs, /openapi.json
 
-Each request is predicted by `tlese.serve.predict.predict` (the path `tlese predict` takes: no second copy of
+Each request is predicted by `tlese.predict.pipeline.predict` (the path `tlese predict` takes: no second copy of
 pairing or preprocessing) into a per-request temporary folder, which holds the uploads too and is removed before the
 response goes out (on error and timeout too; a prediction that timed out removes it when it ends). Nothing outlives
 a request but one line of the append-only audit log (JSON: time, request id, bundle hash, exam keys, verdicts,
@@ -55,7 +55,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
-from tlese.serve.predict import OVERLAY_SENTENCE, predict
+from tlese.predict.pipeline import OVERLAY_SENTENCE, predict
 from tlese.serve.uploads import Form, Limits, Prepared, ServiceError, prepare_inputs, receive_form
 
 log = logging.getLogger("tlese.serve")
@@ -207,7 +207,7 @@ class Service:
 
     def __init__(self, bundle: Any, limits: Limits, *, audit_log: Path, salt: str, tmp_dir: Path | None = None,
                  runtime: str = "torch", onnx_threads: int | None = None):
-        from tlese.serve.predict import make_predictor
+        from tlese.predict.pipeline import make_predictor
 
         self.bundle, self.limits, self.salt = bundle, limits, salt
         self.audit = AuditLog(audit_log)
@@ -593,7 +593,7 @@ def create_app(bundle: Any, limits: Limits | None = None, *, state_dir: str | Pa
     import tlese
 
     if not hasattr(bundle, "predict_arrays"):
-        from tlese.serve.bundle import load_bundle
+        from tlese.bundle.format import load_bundle
 
         bundle = load_bundle(bundle)
     limits = limits or Limits()

@@ -1,4 +1,4 @@
-"""`tlese bundle`, `tlese predict`, `tlese evaluate` and `tlese serve`: thin wrappers over tlese.serve."""
+"""`tlese serve`: a thin wrapper over the web app (tlese.serve.app)."""
 
 from __future__ import annotations
 
@@ -7,122 +7,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    _add_bundle(subparsers)
-    register_predict(subparsers)
-    register_evaluate(subparsers)
     register_serve(subparsers)
-
-
-def _add_bundle(subparsers) -> None:
-    bundle = subparsers.add_parser(
-        "bundle", help="freeze a finished run's arm into one portable, self-checking bundle (offline, CPU)",
-        description="Write the arm's finished fold models (an ensemble) as safetensors, with model.json (model, "
-        "classes, task, preprocessing), a model card (CV metrics with patient-bootstrap CIs, transfer chain, "
-        "calibration, provenance), a temperature fitted on the out-of-fold predictions, reference inputs with their "
-        "expected outputs and sha256 checksums of every file. The bundle is loaded back and verified before it is "
-        "moved into place.",
-    )
-    bundle.add_argument("run_dir", type=Path, help="the run folder (<output_dir>/<name>)")
-    bundle.add_argument("--arm", required=True, help="arm name in the run's config")
-    bundle.add_argument("--out", type=Path, required=True, help="bundle folder to write (must not exist)")
-    bundle.add_argument("--zip", action="store_true", help="write OUT.zip instead of a folder")
-    bundle.add_argument("--intended-use", default=None, metavar="TEXT",
-                        help='intended-use statement of the card (default "research use only; not for diagnostic '
-                             'use")')
-    bundle.add_argument("--bootstrap", type=int, default=None, metavar="N",
-                        help="patient-bootstrap resamples for the card's CIs (default: the run's `bootstrap`)")
-    bundle.set_defaults(func=cmd_bundle)
-
-
-def cmd_bundle(args: argparse.Namespace) -> int:
-    from tlese.serve.bundle import load_bundle, make_bundle
-
-    path = make_bundle(args.run_dir, args.arm, args.out, zip=args.zip, intended_use=args.intended_use,
-                       n_boot=args.bootstrap)
-    bundle = load_bundle(path)
-    calibration = bundle.card["calibration"]
-    print(f"bundle: {path}")
-    print(f"  sha256 {bundle.sha256}; {bundle.meta['model']['registry_name']} x {len(bundle.models)} fold models "
-          f"(folds {bundle.folds}); input {bundle.input_shape}; classes {bundle.class_names}")
-    print(f"  temperature {bundle.temperature:.4g}: ECE {calibration['ece_before']:.4f} -> "
-          f"{calibration['ece_after']:.4f} on {calibration['n']} out-of-fold predictions")
-    if bundle.card.get("folds_missing"):
-        print(f"  folds not finished, not in the bundle: {bundle.card['folds_missing']}")
-    print(f"  intended use: {bundle.intended_use}")
-    return 0
-
-
-def register_predict(subparsers) -> None:
-    """Add the ``predict`` command."""
-    parser = subparsers.add_parser(
-        "predict", help="per-breast predictions of a model bundle on DICOM / zip / folders / a manifest CSV",
-        description="Group the inputs into breasts by their DICOM tags (or a manifest CSV for PNG/JPEG), prepare "
-        "every image as in training, and write one verdict (ok / degraded / refused, with reasons) and the class "
-        "probabilities per breast into --out: breasts/*.json (kept across reruns), predictions.csv, "
-        "predictions.json, refused_inputs.csv. Outputs are keyed by a salted pseudonymous exam key.",
-    )
-    parser.add_argument("bundle", type=Path, help="model bundle (tlese.serve.bundle)")
-    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
-                        help="DICOM file, folder (recursive), zip archive, or manifest CSV (patient, side, view, path)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--heatmaps", action="store_true",
-                        help="Grad-CAM overlays of the predicted class per view, on the original image")
-    parser.add_argument("--sr", action="store_true", help="one DICOM SR per study")
-    parser.add_argument("--link-file", type=Path, default=None,
-                        help="also write this CSV from exam key to StudyInstanceUID / AccessionNumber (identifying)")
-    parser.add_argument("--salt", default=None, help="secret for the exam keys (default: generated once into "
-                        "OUT/.salt)")
-    parser.add_argument("--runtime", default="torch",
-                        help="inference runtime: torch (default) or onnx (predict checks the name)")
-    parser.set_defaults(func=cmd_predict)
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    """Load the bundle, predict, print the summary (counts, reasons and exam keys only)."""
-    from tlese.serve.bundle import load_bundle
-    from tlese.serve.predict import predict
-
-    summary = predict(load_bundle(args.bundle), args.inputs, args.out, salt=args.salt, link_file=args.link_file,
-                      heatmaps=args.heatmaps, sr=args.sr, runtime=args.runtime)
-    print("\n".join(summary.lines()))
-    return 0
-
-
-def register_evaluate(subparsers) -> None:
-    """Add the ``evaluate`` command."""
-    parser = subparsers.add_parser(
-        "evaluate", help="external evaluation of a model bundle on a labelled data set (before use at a site)",
-        description="Read the labelled set with the dataset adapter, encode its labels with the task (its classes "
-        "must be the bundle's), predict every breast exactly as `tlese predict` does, and write the same report as "
-        "`merge` into --out: metrics with patient-bootstrap CIs, per-class AUC / sensitivity / specificity, ROC, "
-        "confusion matrix, reliability diagrams; calibrated and raw probabilities in predictions.csv.",
-    )
-    parser.add_argument("bundle", type=Path, help="model bundle (tlese.serve.bundle)")
-    parser.add_argument("--dataset", required=True, help="dataset adapter name (e.g. cmmd)")
-    parser.add_argument("--root", required=True, type=Path, help="the labelled data set's folder")
-    parser.add_argument("--task", required=True, help="registered task name (its classes must be the bundle's)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                        help="patient-level bootstrap resamples (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    parser.set_defaults(func=cmd_evaluate)
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
-
-    from tlese.serve.evaluate import TRAINING_OVERLAP_WARNING, evaluate_bundle
-
-    paths = evaluate_bundle(args.bundle, args.dataset, args.root, args.task, args.out, n_boot=args.bootstrap,
-                            seed=args.seed)
-    evaluation = json.loads(paths["evaluation_json"].read_text())
-    print(f"external evaluation of bundle {evaluation['bundle_sha256']} on {evaluation['dataset']}: "
-          f"{evaluation['evaluated_breasts']} of {evaluation['labelled_breasts']} breasts evaluated "
-          f"({evaluation['degraded']} degraded, {evaluation['refused']} refused); macro AUC "
-          f"{evaluation['macro_auc']:.4f} (raw {evaluation['raw_macro_auc']:.4f})")
-    print(f"WARNING: {TRAINING_OVERLAP_WARNING}")
-    print(f"report: {paths['html']} and {paths['md']}")
-    return 0
 
 
 def register_serve(subparsers) -> None:
@@ -138,7 +23,7 @@ def register_serve(subparsers) -> None:
         "append-only audit log (no identifiers), with the exam-key salt beside it. No authentication and no TLS: "
         "keep it on 127.0.0.1, or put it behind the site's reverse proxy.",
     )
-    parser.add_argument("bundle", type=Path, help="model bundle (tlese.serve.bundle)")
+    parser.add_argument("bundle", type=Path, help="model bundle (tlese.bundle.format)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                         "only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -182,8 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    from tlese.bundle.format import load_bundle
     from tlese.serve.app import create_app
-    from tlese.serve.bundle import load_bundle
     from tlese.serve.uploads import Limits
 
     cores = os.cpu_count() or 1

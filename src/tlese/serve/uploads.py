@@ -5,7 +5,7 @@ Every check reads headers only: content is sniffed (DICOM preamble `DICM` at byt
 JPEG / zip magic), never taken from the file name or the declared content type; image sizes come from the DICOM
 Rows / Columns / NumberOfFrames or the PNG / JPEG header before anything is decoded (decompression bombs); a DICOM's
 pixel data must be complete (a truncated transfer is the sender's to repeat). Zip archives are opened with
-`tlese.serve.inputs.safe_extract_zip` (no traversal, links, bombs) and their members checked like uploads.
+`tlese.predict.inputs.safe_extract_zip` (no traversal, links, bombs) and their members checked like uploads.
 
 A bad upload is a `ServiceError` (an HTTP 4xx status, a short code and a message naming the upload by the name it
 was given, never by a header value). Members of a zip that are no image at all (a DICOMDIR, a text file) are not an
@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tlese.serve.inputs import UnsafeArchiveError, safe_extract_zip
+from tlese.predict.inputs import UnsafeArchiveError, safe_extract_zip
 from tlese.vocab import Side, view_code
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

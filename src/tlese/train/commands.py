@@ -66,6 +66,8 @@ def register(subparsers) -> None:
     explain.set_defaults(func=cmd_explain)
 
 
+    _add_bundle(subparsers)
+
     demo = subparsers.add_parser("demo",
                                  help="the main job on the embedded synthetic data: synth, stage 1, 5-fold CV, report")
     demo.add_argument("--out", default="runs/demo", help="folder for data, runs and the report (default runs/demo)")
@@ -157,7 +159,8 @@ def cmd_demo(args) -> int:
 
 def _demo_bundle(run_dir: Path, arm: str, path: Path) -> Path:
     """The demo's bundle, made once: a rerun reuses it while it still loads (checksums and self-check pass)."""
-    from tlese.serve.bundle import BundleError, load_bundle, make_bundle  # serving builds on train, not the reverse
+    from tlese.bundle import BundleError, load_bundle
+    from tlese.train.release import make_bundle
 
     if path.exists():
         try:
@@ -179,4 +182,44 @@ def cmd_explain(args: argparse.Namespace) -> int:
                            out_dir=args.out, overrides=args.overrides)
     count = len(pd.read_csv(out_dir / "index.csv"))
     print(f"{count} Grad-CAM overlay(s) in {out_dir} (index.csv lists them)")
+    return 0
+
+
+def _add_bundle(subparsers) -> None:
+    bundle = subparsers.add_parser(
+        "bundle", help="freeze a finished run's arm into one portable, self-checking bundle (offline, CPU)",
+        description="Write the arm's finished fold models (an ensemble) as safetensors, with model.json (model, "
+        "classes, task, preprocessing), a model card (CV metrics with patient-bootstrap CIs, transfer chain, "
+        "calibration, provenance), a temperature fitted on the out-of-fold predictions, reference inputs with their "
+        "expected outputs and sha256 checksums of every file. The bundle is loaded back and verified before it is "
+        "moved into place.",
+    )
+    bundle.add_argument("run_dir", type=Path, help="the run folder (<output_dir>/<name>)")
+    bundle.add_argument("--arm", required=True, help="arm name in the run's config")
+    bundle.add_argument("--out", type=Path, required=True, help="bundle folder to write (must not exist)")
+    bundle.add_argument("--zip", action="store_true", help="write OUT.zip instead of a folder")
+    bundle.add_argument("--intended-use", default=None, metavar="TEXT",
+                        help='intended-use statement of the card (default "research use only; not for diagnostic '
+                             'use")')
+    bundle.add_argument("--bootstrap", type=int, default=None, metavar="N",
+                        help="patient-bootstrap resamples for the card's CIs (default: the run's `bootstrap`)")
+    bundle.set_defaults(func=cmd_bundle)
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from tlese.bundle import load_bundle
+    from tlese.train.release import make_bundle
+
+    path = make_bundle(args.run_dir, args.arm, args.out, zip=args.zip, intended_use=args.intended_use,
+                       n_boot=args.bootstrap)
+    bundle = load_bundle(path)
+    calibration = bundle.card["calibration"]
+    print(f"bundle: {path}")
+    print(f"  sha256 {bundle.sha256}; {bundle.meta['model']['registry_name']} x {len(bundle.models)} fold models "
+          f"(folds {bundle.folds}); input {bundle.input_shape}; classes {bundle.class_names}")
+    print(f"  temperature {bundle.temperature:.4g}: ECE {calibration['ece_before']:.4f} -> "
+          f"{calibration['ece_after']:.4f} on {calibration['n']} out-of-fold predictions")
+    if bundle.card.get("folds_missing"):
+        print(f"  folds not finished, not in the bundle: {bundle.card['folds_missing']}")
+    print(f"  intended use: {bundle.intended_use}")
     return 0

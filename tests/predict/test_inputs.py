@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from exam_helpers import cbis_truth, dicom_copy
 from pydicom.uid import generate_uid
-from serve_helpers import cbis_truth, dicom_copy
 
-from tlese.serve.inputs import (
+from tlese.predict.inputs import (
     UnsafeArchiveError,
     cbis_patient,
     collect_inputs,

@@ -2,7 +2,7 @@
 
 How a site checks a model on its own data before use. The labelled table comes from the dataset adapter and its
 labels are encoded by the task, whose classes must be the bundle's, in the bundle's order (else `ValueError`). Every
-labelled image is then predicted through `tlese.serve.predict.predict`, the very path of `tlese predict` (same input
+labelled image is then predicted through `tlese.predict.pipeline.predict`, the very path of `tlese predict` (same input
 grouping, same preprocessing, same verdicts); its per-breast results (`OUT/predict/breasts/*.json`) are joined back
 to the labelled breasts through the sha256 of their image files (`images[].sha256`), so no second preprocessing path
 exists. Breasts that predict refuses are counted with their reasons and left out of the metrics; degraded ones (one
@@ -72,15 +72,15 @@ def evaluate_bundle(bundle: Any, dataset: str, root: str | Path, task: Any, out_
     """Evaluate `bundle` (a loaded `Bundle` or its path) on the labelled set `dataset` at `root`, labels encoded by
     `task` (name, mapping or Task), into `out_dir`. Returns the paths written: md, html, predictions_csv,
     calibration_plot, raw_calibration_plot, evaluation_json, predict_dir."""
+    from tlese.bundle.format import load_bundle
     from tlese.data.datasets import get_adapter
     from tlese.data.tasks import get_task
     from tlese.evaluate.metrics import PRIMARY_METRIC, classification_metrics, prob_column
     from tlese.evaluate.report import PLOTS_DIR, plot_calibration, write_report
     from tlese.evaluate.tables import summary_table
     from tlese.files import sha256_file
+    from tlese.predict.pipeline import predict
     from tlese.provenance import environment_info
-    from tlese.serve.bundle import load_bundle
-    from tlese.serve.predict import predict
 
     if not hasattr(bundle, "predict_arrays"):
         bundle = load_bundle(bundle)

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from tlese.serve.sr import read_sr, write_sr
+from tlese.predict.sr import read_sr, write_sr
 
 CLASSES = ("Luminal A", "Luminal B", "HER2-enriched", "triple negative")
 ALGORITHM = {"name": "tlese", "version": "0.1.0", "bundle_sha256": "ab" * 32, "model": "tlese_lite0"}

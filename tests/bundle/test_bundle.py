@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlese.serve.calibration import (
+from tlese.bundle.calibration import (
     apply_temperature,
     expected_calibration_error,
     fit_temperature,
@@ -99,12 +99,13 @@ def _edit_json(path: Path, edit) -> None:
 
 @slow
 def test_round_trip(tiny_bundle, tiny_run):
-    import tlese.serve
+    import tlese
+    import tlese.bundle
+    from tlese.bundle.format import load_bundle
     from tlese.data.preprocess import PreprocessParams
     from tlese.data.tasks import get_task
-    from tlese.serve.bundle import load_bundle
 
-    assert tlese.serve.load_bundle is load_bundle
+    assert tlese.bundle.load_bundle is load_bundle is tlese.load_bundle
     bundle = load_bundle(tiny_bundle)
     assert bundle.path == tiny_bundle
     assert bundle.sha256 == hashlib.sha256((tiny_bundle / "checksums.sha256").read_bytes()).hexdigest()
@@ -194,7 +195,7 @@ def test_no_pickles_every_weight_file_is_safetensors_and_checksums_cover_every_f
 
 @slow
 def test_a_tampered_weight_file_is_refused_naming_it(tiny_bundle, tmp_path):
-    from tlese.serve.bundle import BundleError, load_bundle
+    from tlese.bundle.format import BundleError, load_bundle
 
     copy = _copy(tiny_bundle, tmp_path)
     target = copy / "weights" / "fold_1.safetensors"
@@ -210,7 +211,7 @@ def test_a_tampered_weight_file_is_refused_naming_it(tiny_bundle, tmp_path):
 
 @slow
 def test_an_edited_preprocessing_parameter_is_refused(tiny_bundle, tmp_path, monkeypatch):
-    from tlese.serve.bundle import BundleError, load_bundle, write_checksums
+    from tlese.bundle.format import BundleError, load_bundle, write_checksums
 
     copy = _copy(tiny_bundle, tmp_path)
 
@@ -233,7 +234,7 @@ def test_an_edited_preprocessing_parameter_is_refused(tiny_bundle, tmp_path, mon
 
 @slow
 def test_outputs_that_drift_from_the_reference_are_refused(tiny_bundle, tmp_path):
-    from tlese.serve.bundle import BundleError, load_bundle, write_checksums
+    from tlese.bundle.format import BundleError, load_bundle, write_checksums
 
     copy = _copy(tiny_bundle, tmp_path)
 
@@ -280,8 +281,8 @@ def test_the_temperature_is_fitted_on_out_of_fold_predictions_only(tiny_bundle, 
 
 @slow
 def test_the_command_writes_a_zip_that_loads_the_same(tiny_bundle, tiny_run, tmp_path, capsys):
+    from tlese.bundle.format import BundleError, load_bundle
     from tlese.cli import main
-    from tlese.serve.bundle import BundleError, load_bundle
 
     assert main(["bundle", str(tiny_run), "--arm", TINY_ARM, "--out", str(tmp_path / "b"), "--zip",
                  "--intended-use", "research use only (test)"]) == 0
@@ -312,7 +313,8 @@ def test_the_command_writes_a_zip_that_loads_the_same(tiny_bundle, tiny_run, tmp
 
 @slow
 def test_only_finished_folds_are_bundled_and_none_is_refused(tiny_run, tmp_path):
-    from tlese.serve.bundle import BundleError, load_bundle, make_bundle
+    from tlese.bundle.format import BundleError, load_bundle
+    from tlese.train.release import make_bundle
     from tlese.train.rundir import RunDir
 
     run = RunDir(shutil.copytree(tiny_run, tmp_path / "run"))

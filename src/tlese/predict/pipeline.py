@@ -1,6 +1,6 @@
 """`tlese predict BUNDLE INPUT... --out DIR`: per-breast predictions of a model bundle, with a verdict for each breast.
 
-Inputs (`tlese.serve.inputs`): DICOM files, folders, zip archives, manifest CSVs for PNG / JPEG; grouped into breasts
+Inputs (`tlese.predict.inputs`): DICOM files, folders, zip archives, manifest CSVs for PNG / JPEG; grouped into breasts
 by the header tags (never file names). Every image goes through `tlese.data.preprocess.prepare_file` with the
 bundle's preprocessing parameters: the code that prepared the training images.
 
@@ -46,7 +46,7 @@ import numpy as np
 from tlese.data.io import ImageReadError
 from tlese.data.preprocess import PreprocessParams, prepare_file
 from tlese.files import write_bytes_atomic
-from tlese.serve.inputs import Breast, ImageInput, InputSet, collect_inputs, safe_reason
+from tlese.predict.inputs import Breast, ImageInput, InputSet, collect_inputs, safe_reason
 from tlese.vocab import DUAL_VIEW_ORDER, View
 
 log = logging.getLogger(__name__)
@@ -122,12 +122,12 @@ class _Prepared:
 def predict(bundle: Any, inputs: Sequence[str | Path], out_dir: str | Path, *, salt: str | None = None,
             link_file: str | Path | None = None, heatmaps: bool = False, sr: bool = False,
             runtime: str = "torch", predictor: Callable[[np.ndarray], dict] | None = None) -> Summary:
-    """Predict every breast found in `inputs` with `bundle` (see `tlese.serve.bundle.load_bundle`) into `out_dir`.
+    """Predict every breast found in `inputs` with `bundle` (see `tlese.bundle.format.load_bundle`) into `out_dir`.
 
     salt: secret for the exam keys (default: `out_dir/.salt`, generated on the first run). link_file: where to write
     the identifying exam key -> StudyInstanceUID / AccessionNumber CSV (opt in). heatmaps: Grad-CAM overlays of the
     predicted class per view, averaged over the fold models. sr: one DICOM SR per study. runtime: "torch" ("onnx"
-    when `tlese.serve.export.OnnxModel` is available). predictor: a `make_predictor` result to use instead of
+    when `tlese.predict.export.OnnxModel` is available). predictor: a `make_predictor` result to use instead of
     building one for `runtime` (a service builds it once: an ONNX export per call would cost seconds).
     """
     if runtime not in RUNTIMES:
@@ -483,9 +483,9 @@ def _save_png16(array: np.ndarray, path: Path) -> None:
 
 def _write_srs(found: InputSet, results: dict, bundle: Any, out_dir: Path, salt: str, summary: Summary) -> dict:
     """One SR per study among the DICOM breasts (a CBIS-DDSM breast, one study per view, is reported in each of
-    its studies with that study's image), written with `tlese.serve.sr.write_sr`."""
+    its studies with that study's image), written with `tlese.predict.sr.write_sr`."""
     import tlese
-    from tlese.serve.sr import write_sr
+    from tlese.predict.sr import write_sr
 
     studies: dict[str, list[tuple[str, Breast]]] = {}
     for breast in found.breasts:
@@ -582,7 +582,7 @@ def _write_aggregates(out_dir: Path, results: dict, bundle: Any, summary: Summar
 def make_predictor(bundle: Any, runtime: str, workdir: Path | None = None, threads: int | None = None,
                    spinning: bool = True) -> Callable[[np.ndarray], dict]:
     """The function giving `predict_arrays`' dict for a model input: the bundle's own (torch), or the same
-    ensemble run under ONNX Runtime, each fold model exported to `workdir` (`tlese.serve.export`; the sessions hold
+    ensemble run under ONNX Runtime, each fold model exported to `workdir` (`tlese.predict.export`; the sessions hold
     the models in memory, so `workdir` may be removed afterwards). threads / spinning: ONNX Runtime's intra-op
     threads and busy-waiting (`OnnxModel`). Both are safe to call from several threads at once."""
     if runtime not in RUNTIMES:
@@ -590,10 +590,10 @@ def make_predictor(bundle: Any, runtime: str, workdir: Path | None = None, threa
     if runtime == "torch":
         return bundle.predict_arrays
     try:
-        from tlese.serve.export import OnnxModel, export_onnx
+        from tlese.predict.export import OnnxModel, export_onnx
     except ImportError:
         raise ValueError("runtime 'onnx' is not available in this version: use runtime 'torch'") from None
-    from tlese.serve.calibration import apply_temperature
+    from tlese.bundle.calibration import apply_temperature
 
     sessions = []
     for index, model in enumerate(bundle.models):

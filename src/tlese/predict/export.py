@@ -1,6 +1,6 @@
 """ONNX export for offline CPU inference: a model from preprocessed input to logits, run with ONNX Runtime.
 
-    from tlese.serve.export import OnnxModel, check_onnx, export_onnx
+    from tlese.predict.export import OnnxModel, check_onnx, export_onnx
     path = export_onnx(model, "exam.onnx", image_size=512, views="dual")   # (B, 2, 1, 512, 512) -> (B, classes)
     assert check_onnx(model, path, torch.rand(1, 2, 1, 512, 512)) < 1e-4
     logits = OnnxModel(path, threads=2)(exam)                              # exam: float32 in [0, 1]

@@ -15,7 +15,7 @@ import pandas as pd
 import pydicom
 import pytest
 
-from tlese.serve.evaluate import TRAINING_OVERLAP_WARNING, evaluate_bundle
+from tlese.predict.validate import TRAINING_OVERLAP_WARNING, evaluate_bundle
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def evaluated(tiny_bundle, external_set, tmp_path_factory) -> dict:
 
 
 def test_report_has_macro_auc_calibration_plot_and_the_external_evaluation_statement(evaluated, tiny_bundle):
-    from tlese.serve.bundle import load_bundle
+    from tlese.bundle.format import load_bundle
 
     sha = load_bundle(tiny_bundle).sha256
     for name in ("md", "html", "predictions_csv", "calibration_plot", "raw_calibration_plot", "evaluation_json"):

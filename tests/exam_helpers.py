@@ -1,4 +1,4 @@
-"""Helpers shared by the serving tests (imported as the bare module `serve_helpers`)."""
+"""Helpers shared by the serving tests (imported as the bare module `exam_helpers`)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ def random_bundle(views: str = "dual", n_models: int = 2, size: int = 64, seed: 
     """A real Bundle of random-weight lite0_plain models (BatchNorm statistics taken on random inputs)."""
     import torch
 
+    from tlese.bundle.format import Bundle
     from tlese.data.preprocess import PreprocessParams
     from tlese.models import create_model
-    from tlese.serve.bundle import Bundle
 
     torch.manual_seed(seed)
     models = []

@@ -22,17 +22,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from exam_helpers import CLASSES, SECRETS, cbis_truth, dicom_copy
+from exam_helpers import random_bundle as make_bundle
 from PIL import Image
-from serve_helpers import CLASSES, SECRETS, cbis_truth, dicom_copy
-from serve_helpers import random_bundle as make_bundle
 
+from tlese.bundle.format import Bundle
 from tlese.data.io import read_image
 from tlese.data.preprocess import PreprocessParams, normalise_intensity, prepare_file
 from tlese.evaluate import explain
-from tlese.serve import predict as predict_module
-from tlese.serve.bundle import Bundle
-from tlese.serve.commands import register_predict
-from tlese.serve.predict import OVERLAY_SENTENCE, exam_key, map_to_original, predict
+from tlese.predict import pipeline as predict_module
+from tlese.predict.commands import register_predict
+from tlese.predict.pipeline import OVERLAY_SENTENCE, exam_key, map_to_original, predict
 
 
 def by_case(cbis_dicoms, patient: str, side: str, view: str) -> Path:
@@ -222,7 +222,7 @@ def test_heatmaps_lie_on_the_original_image(batch):
 
 
 def test_one_sr_per_study(batch):
-    from tlese.serve.sr import read_sr
+    from tlese.predict.sr import read_sr
 
     files = sorted((batch["out"] / "sr").glob("*.dcm"))
     # 8 CBIS studies (one per view) + the refused CT / FOR PROCESSING / side / truncated exams + the degraded one
@@ -389,7 +389,7 @@ def test_onnx_runtime_matches_torch(cbis_dicoms, tmp_path):
 
 
 def test_real_tiny_bundle_and_cli(tiny_bundle, flat, tmp_path, capsys):
-    from tlese.serve.bundle import load_bundle
+    from tlese.bundle.format import load_bundle
 
     real = load_bundle(tiny_bundle)
     parser = argparse.ArgumentParser()

@@ -1,4 +1,4 @@
-"""ONNX export (tlese.serve.export): PyTorch/ONNX Runtime parity, dynamic batch, a valid file, the wrapper's
+"""ONNX export (tlese.predict.export): PyTorch/ONNX Runtime parity, dynamic batch, a valid file, the wrapper's
 checks, and a smoke run of benchmarks/bench_onnx.py.
 
 Random-init models are useless for parity: their features vanish (BN running stats are the init's 0 / 1), so the
@@ -22,7 +22,7 @@ onnx = pytest.importorskip("onnx")
 
 from tlese.models import create_model  # noqa: E402
 from tlese.models.blocks import EffectiveSE  # noqa: E402
-from tlese.serve.export import OnnxModel, check_onnx, export_onnx, input_shape, quantize_onnx  # noqa: E402
+from tlese.predict.export import OnnxModel, check_onnx, export_onnx, input_shape, quantize_onnx  # noqa: E402
 
 SIZE = 64
 TOLERANCE = 1e-4  # max |logit difference|, absolute for logits up to 1 in size, relative beyond

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from tlese.bundle.format import load_bundle
 from tlese.data.io import ImageHeader
 from tlese.data.preprocess import PreprocessParams
-from tlese.serve.bundle import _training_inputs, load_bundle
-from tlese.serve.predict import _bundle_problems
+from tlese.predict.pipeline import _bundle_problems
+from tlese.train.release import _training_inputs
 
 
 def _image(bits: int, source_format: str = "dicom") -> SimpleNamespace:
