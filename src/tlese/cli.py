@@ -18,6 +18,8 @@ COMMAND_MODULES = (
     "tlese.evaluate.commands",
     "tlese.predict.commands",
     "tlese.serve.commands",
+    "tlese.node.commands",
+    "tlese.cluster.commands",
 )
 
 
