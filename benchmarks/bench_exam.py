@@ -98,8 +98,8 @@ def _ratio(seconds: list[float], base: list[float]) -> dict:
 
 def run(models: Sequence[str] = MODELS, size: int = 512, threads: int = 2, model_reps: int = 5, e2e_reps: int = 2,
         n_exams: int | None = None, pause: float = 0.1, log: Callable[[str], None] = print) -> dict:
+    from tlese.bundle.onnx import OnnxModel, export_onnx
     from tlese.data.preprocess import PreprocessParams
-    from tlese.predict.export import OnnxModel, export_onnx
 
     torch.set_num_threads(threads)
     params = PreprocessParams.build(size)

@@ -1,6 +1,6 @@
 """ONNX Runtime against PyTorch eager on the CPU, per exam: one dual-view call (CC + MLO, batch 1, 512 x 512).
 
-What a hospital workstation runs offline: the model exported with `tlese.predict.export.export_onnx` (views="dual",
+What a hospital workstation runs offline: the model exported with `tlese.bundle.onnx.export_onnx` (views="dual",
 dynamic batch), run by `OnnxModel` (CPUExecutionProvider, ORT_ENABLE_ALL, `--threads` intra-op threads), against
 the same model in PyTorch eager (`inference_mode`, eval, NCHW, `--threads` torch threads). Random init, 4 classes,
 1 channel: speed does not depend on the weights (checked: no denormal slow-down; int8's accuracy is measured
@@ -77,7 +77,7 @@ class ViewParallel:
     """CC and MLO on two single-thread sessions of the single-view graph at once; logits averaged."""
 
     def __init__(self, path: Path) -> None:
-        from tlese.predict.export import OnnxModel
+        from tlese.bundle.onnx import OnnxModel
 
         self.sessions = [OnnxModel(path, threads=1, check_input=False) for _ in range(2)]
         self.pool = ThreadPoolExecutor(max_workers=1)
@@ -119,7 +119,7 @@ def int8_drift(size: int, workdir: Path, n_calib: int = 8, n_eval: int = 16, log
     the weights."""
     from PIL import Image
 
-    from tlese.predict.export import OnnxModel, export_onnx, quantize_onnx
+    from tlese.bundle.onnx import OnnxModel, export_onnx, quantize_onnx
 
     files = sorted(SHARED_MIAS.glob("*.png")) if SHARED_MIAS.is_dir() else []
     if len(files) < 2 * (n_calib + n_eval):
@@ -179,7 +179,7 @@ def run(
     workdir: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    from tlese.predict.export import OnnxModel, export_onnx, quantize_onnx
+    from tlese.bundle.onnx import OnnxModel, export_onnx, quantize_onnx
 
     torch.set_num_threads(threads)
     scratch = tempfile.TemporaryDirectory(prefix="bench_onnx_") if workdir is None else None
@@ -224,7 +224,7 @@ def run(
             if variants and name == DEFAULT_MODEL:
                 import onnxruntime as ort
 
-                from tlese.predict.export import session_options
+                from tlese.bundle.onnx import session_options
 
                 options = session_options(threads)
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED

@@ -136,7 +136,9 @@ def run(bundle: Path | None = None, requests: int = 200, concurrency: int = 8, m
         state = Path(work)
         port = free_port()
         started = time.perf_counter()
-        process = start_server(bundle, state, port, list(server_args or []))
+        # all clients come from 127.0.0.1: the per-client limit must let `concurrency` of them in at once
+        process = start_server(bundle, state, port, [f"--max-per-client={max(concurrency, 1)}",
+                                                     *list(server_args or [])])
         startup_s = time.perf_counter() - started
         url = f"http://127.0.0.1:{port}/api/v1/predict"
         try:
@@ -324,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-timeout", type=float, default=60.0)
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for `tlese serve` (repeatable), e.g. --server-arg=--workers=1")
+    parser.add_argument("--allow-unsigned", action="store_true",
+                        help="serve (and read) a bundle that is not signed by a trusted key (e.g. a local demo)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 6 requests, 2 clients, torch only")
     parser.add_argument("--write", action="store_true", help="write <out>/serve.md and serve.json")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
@@ -348,12 +352,13 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     runs = []
     for runtime in args.runtimes:
         say(f"runtime {runtime}")
+        unsigned = ["--allow-unsigned"] if args.allow_unsigned else []
         run_result = run(bundle, args.requests, args.concurrency, args.max_seconds, args.request_timeout,
-                         [f"--runtime={runtime}", *args.server_arg], log=say)
+                         [f"--runtime={runtime}", *unsigned, *args.server_arg], log=say)
         runs.append({"runtime": runtime, **run_result})
     from tlese.bundle.format import load_bundle
 
-    served = load_bundle(bundle, check_references=False)
+    served = load_bundle(bundle, check_references=False, **({"allow_unsigned": True} if args.allow_unsigned else {}))
     results = {"command": command, "date": now(), "machine": info, "runs": runs, "notes": NOTES,
                "bundle_model": f"{served.model_name}, {served.views} view, {served.image_size} px, "
                                f"{len(served.models)} fold models"}

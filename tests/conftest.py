@@ -81,11 +81,31 @@ def tiny_run(tmp_path_factory, tiny_synth) -> Path:
     return run_cv(load_experiment(path))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def signing_key(tmp_path_factory) -> Path:
+    """A key pair made for this test session; its public key is the only one trusted ($TLESE_TRUSTED_KEYS, inherited
+    by the services the tests start). Returns the private key's path."""
+    import os
+
+    from tlese.bundle.signing import TRUSTED_KEYS_ENV, generate_keypair
+
+    private, _public = generate_keypair(tmp_path_factory.mktemp("trusted_keys"), name="test_session")
+    previous = os.environ.get(TRUSTED_KEYS_ENV)
+    os.environ[TRUSTED_KEYS_ENV] = str(_public.parent)
+    yield private
+    if previous is None:
+        os.environ.pop(TRUSTED_KEYS_ENV, None)
+    else:
+        os.environ[TRUSTED_KEYS_ENV] = previous
+
+
 @pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory, tiny_run) -> Path:
+def tiny_bundle(tmp_path_factory, tiny_run, signing_key) -> Path:
+    """The tiny run's bundle, signed with the session's trusted key."""
     from tlese.train.release import make_bundle
 
-    return make_bundle(tiny_run, TINY_ARM, tmp_path_factory.mktemp("serve_bundle") / "tiny_bundle")
+    folder = tmp_path_factory.mktemp("serve_bundle")
+    return make_bundle(tiny_run, TINY_ARM, folder / "tiny_bundle", sign_key=signing_key)
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,13 @@
 """tlese: TLese-ResNet (inverted residuals + effective squeeze-excitation) and double transfer learning for
 mammography."""
 
-__version__ = "0.1.0"
+from tlese.version import __version__
+
+__all__ = ["__version__", "load_bundle"]
 
 
 def __getattr__(name: str):
-    # `tlese.load_bundle` without making `import tlese` (done by every worker for the version) import torch.
+    # `tlese.load_bundle` without making `import tlese` import torch.
     if name == "load_bundle":
         from tlese.bundle import load_bundle
 

@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+from tlese.version import __version__
+
 
 def _package_version(name: str) -> str:
     try:
@@ -44,7 +46,7 @@ def environment_info(repo_dir=None) -> dict:
     info = {
         "date_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "python": sys.version.split()[0],
-        "tlese": _package_version("tlese"),
+        "tlese": __version__,  # the running code's own version (an editable install's metadata can lag behind)
         "torch": _package_version("torch"),
         "torchvision": _package_version("torchvision"),
         "numpy": _package_version("numpy"),

@@ -1,90 +1,28 @@
-"""The bundle: a finished run frozen into safetensors + records that load offline, verify themselves and refuse
-tampering; temperature scaling fitted on out-of-fold predictions only."""
+"""Loading a bundle (tlese.bundle.format.load_bundle): it verifies itself and refuses tampering; format 2 carries the
+model spec (checked against the other records), class names checked against the task, calibration as recorded,
+ONNX files checked by checksum and parity; format-1 bundles still load. Signatures: tests/bundle/test_signing.py;
+the maker: tests/train/test_release.py; calibration: tests/bundle/test_calibration.py."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
-import subprocess
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tlese.bundle.calibration import (
-    apply_temperature,
-    expected_calibration_error,
-    fit_temperature,
-    negative_log_likelihood,
-)
-
-# ---------------------------------------------------------------------------------------------------------------
-# Calibration (no training run needed)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _synthetic(n: int = 4000, k: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """True logits and labels drawn from them: softmax(z) is calibrated by construction."""
-    rng = np.random.default_rng(seed)
-    z = rng.normal(0.0, 1.5, size=(n, k))
-    p = _softmax(z)
-    y = np.array([rng.choice(k, p=row) for row in p])
-    return z, y
-
-
-def test_overconfident_probabilities_get_a_temperature_above_one_and_a_lower_ece():
-    z, y = _synthetic()
-    overconfident = _softmax(3.0 * z)  # logits scaled by 3: the right temperature is 3
-    temperature = fit_temperature(overconfident, y)
-    assert temperature > 1 and abs(temperature - 3.0) < 0.3
-    scaled = apply_temperature(overconfident, temperature)
-    before, after = expected_calibration_error(overconfident, y), expected_calibration_error(scaled, y)
-    assert after < before / 3
-    assert negative_log_likelihood(scaled, y) < negative_log_likelihood(overconfident, y)
-
-
-def test_calibrated_probabilities_keep_a_temperature_near_one_and_underconfident_ones_get_below_one():
-    z, y = _synthetic(seed=1)
-    assert abs(fit_temperature(_softmax(z), y) - 1.0) < 0.1
-    assert fit_temperature(_softmax(0.5 * z), y) < 0.7
-
-
-def test_apply_temperature():
-    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
-    assert np.allclose(apply_temperature(p, 1.0), p)
-    softened = apply_temperature(p, 2.0)
-    assert np.allclose(softened.sum(axis=1), 1.0)
-    assert (softened.max(axis=1) < p.max(axis=1)).all()
-    assert (softened.argmax(axis=1) == p.argmax(axis=1)).all()
-    assert np.allclose(softened[0], np.sqrt(p[0]) / np.sqrt(p[0]).sum())  # softmax(log p / 2) = sqrt(p), renormalised
-    for bad in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="temperature"):
-            apply_temperature(p, bad)
-
-
-def test_expected_calibration_error_known_answer():
-    # Confidence 0.9 and right, 0.65 and wrong: two bins, each half the data: 0.5 * 0.1 + 0.5 * 0.65.
-    probs = np.array([[0.9, 0.1], [0.65, 0.35]])
-    assert expected_calibration_error(probs, np.array([0, 1])) == pytest.approx(0.375)
-    assert expected_calibration_error(np.array([[1.0, 0.0]]), np.array([0])) == pytest.approx(0.0)
-    # Both in one bin (15 bins over [0, 1]: (0.6, 0.667]): |accuracy 0.5 - mean confidence 0.63|.
-    same_bin = np.array([[0.62, 0.38], [0.64, 0.36]])
-    assert expected_calibration_error(same_bin, np.array([0, 1])) == pytest.approx(0.13)
-    with pytest.raises(ValueError, match="targets"):
-        expected_calibration_error(probs, np.array([0, 2]))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Bundles of a tiny finished run (tests/serve/conftest.py)
-
 slow = pytest.mark.slow
-TINY_ARM = "plain_scratch"  # the arm of conftest's tiny_run
+TINY_ARM = "plain_scratch"  # the arm of tests/conftest.py's tiny_run
+
+
+def _load(path, **options):
+    """Load a bundle the tests made or edited; signatures are tests/bundle/test_signing.py's subject."""
+    from tlese.bundle.format import load_bundle
+
+    return load_bundle(path, allow_unsigned=True, **options)
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:
@@ -98,25 +36,34 @@ def _edit_json(path: Path, edit) -> None:
 
 
 @slow
-def test_round_trip(tiny_bundle, tiny_run):
+def test_round_trip(tiny_bundle):
     import tlese
     import tlese.bundle
+    from tlese.bundle.calibration import calibrated_ensemble
     from tlese.bundle.format import load_bundle
     from tlese.data.preprocess import PreprocessParams
     from tlese.data.tasks import get_task
 
     assert tlese.bundle.load_bundle is load_bundle is tlese.load_bundle
-    bundle = load_bundle(tiny_bundle)
+    bundle = _load(tiny_bundle)
+    meta = json.loads((tiny_bundle / "model.json").read_text())
+    assert meta["format_version"] == 2
     assert bundle.path == tiny_bundle
     assert bundle.sha256 == hashlib.sha256((tiny_bundle / "checksums.sha256").read_bytes()).hexdigest()
-    assert bundle.class_names == list(get_task("synth_subtype4").classes)
+    assert bundle.class_names == list(get_task("synth_subtype4").classes) == list(bundle.task.classes)
     assert (bundle.views, bundle.image_size, bundle.folds) == ("dual", 32, [0, 1, 2])
     assert bundle.preprocess == PreprocessParams.build(32, "mammo", {})
+    # The model spec: what the folds recorded, the same as the v1 keys.
+    spec = bundle.spec
+    assert spec.to_dict() == meta["model_spec"] and bundle.model_name == spec.registry_name == "lite0_plain"
+    assert spec.class_names == bundle.class_names and spec.input_shape == bundle.input_shape == (2, 1, 32, 32)
+    assert PreprocessParams.from_dict(spec.preprocess) == bundle.preprocess
+    assert bundle.synthetic is True and "synthetic" in bundle.validated_on
     assert len(bundle.models) == 3 and not any(model.training for model in bundle.models)
     assert all(p.device.type == "cpu" for model in bundle.models for p in model.parameters())
-    assert bundle.temperature == bundle.card["calibration"]["temperature"] > 0
+    calibration = meta["calibration"]
+    assert bundle.temperature == (calibration["temperature"] if calibration["applied"] else 1.0)
     assert bundle.card["intended_use"] == "research use only; not for diagnostic use"
-    assert bundle.card["folds_included"] == [0, 1, 2] and bundle.card["folds_missing"] == []
 
     x = np.random.default_rng(5).random((5, 2, 1, 32, 32), dtype=np.float32)
     out = bundle.predict_arrays(x)
@@ -127,7 +74,10 @@ def test_round_trip(tiny_bundle, tiny_run):
     assert np.allclose(out["per_model"].sum(axis=2), 1.0)
     assert np.allclose(out["raw"], out["per_model"].mean(axis=0))
     assert np.allclose(out["disagreement"], out["per_model"].std(axis=0).max(axis=1))
-    assert np.allclose(out["calibrated"], apply_temperature(out["raw"], bundle.temperature))
+    assert np.allclose(out["calibrated"], calibrated_ensemble(out["per_model"], calibration))
+    if bundle.ood is not None:
+        assert out["ood_score"].shape == out["ood_flag"].shape == (5,) and out["ood_flag"].dtype == bool
+        assert np.array_equal(out["ood_flag"], out["ood_score"] > bundle.ood.threshold)
     # In batches or one by one, the same numbers.
     single = bundle.predict_arrays(x[2:3])
     assert np.allclose(single["per_model"][:, 0], out["per_model"][:, 2], atol=1e-6)
@@ -138,64 +88,8 @@ def test_round_trip(tiny_bundle, tiny_run):
 
 
 @slow
-def test_the_card_records_data_metrics_transfer_and_provenance(tiny_bundle, tiny_run):
-    card = json.loads((tiny_bundle / "card.json").read_text())
-    data = card["training_data"]
-    assert data["dataset_adapter"] == "cmmd" and data["task"]["name"] == "synth_subtype4"
-    assert data["task"]["label_column"] in data["label_definition"]
-    assert sum(counts["breasts"] for counts in data["per_class"].values()) == data["breasts"]
-    metrics = {row["metric"]: row for row in card["cv_metrics"]["metrics"]}
-    assert {"accuracy", "macro_auc"} <= set(metrics)
-    assert any("(HER2-enriched)" in name for name in metrics)  # per class
-    for row in metrics.values():
-        if row["pooled"] is not None and row["ci_low"] is not None:
-            assert row["ci_low"] <= row["pooled"] + 1e-9 and row["pooled"] <= row["ci_high"] + 1e-9
-    assert [link["fold"] for link in card["transfer_chain"]] == [0, 1, 2]
-    assert all(link["imagenet"] == "not used" and link["stage1_sha256"] is None for link in card["transfer_chain"])
-    assert card["stage1"] is None
-    calibration = card["calibration"]
-    for key in ("temperature", "ece_before", "ece_after", "nll_before", "nll_after"):
-        assert isinstance(calibration[key], float)
-    assert "ensemble" in calibration["note"] and "approximation" in calibration["note"]
-    assert card["provenance"]["run_environment"]["git_commit"]
-    assert "torch" in card["provenance"]["bundled_with"]
-    markdown = (tiny_bundle / "card.md").read_text()
-    assert "research use only" in markdown and "macro_auc" in markdown and "Temperature" in markdown
-    meta = json.loads((tiny_bundle / "model.json").read_text())
-    assert meta["model"] == {"registry_name": "lite0_plain",
-                             "create_kwargs": {"num_classes": 4, "in_chans": 1, "views": "dual",
-                                               "fusion": "mean_logits"}}
-    assert [entry["fold"] for entry in meta["weights"]] == [0, 1, 2]
-
-
-@slow
-def test_no_pickles_every_weight_file_is_safetensors_and_checksums_cover_every_file(tiny_bundle, tiny_run):
-    from safetensors.torch import load_file
-
-    from tlese.train.trained import load_trained
-
-    files = sorted(p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*") if p.is_file())
-    assert not [name for name in files if name.endswith((".pt", ".pth", ".pkl", ".pickle", ".ckpt"))]
-    assert {Path(name).suffix for name in files} <= {".json", ".md", ".sha256", ".safetensors", ".npy"}
-    weights = [name for name in files if name.endswith(".safetensors")]
-    assert weights == [f"weights/fold_{k}.safetensors" for k in range(3)]
-    for fold, name in enumerate(weights):  # the very tensors the fold predicted with
-        state = load_file(tiny_bundle / name)
-        trained = load_trained(tiny_run, TINY_ARM, fold).model.state_dict()
-        assert state.keys() == trained.keys()
-        assert all(np.array_equal(state[key].numpy(), trained[key].numpy()) for key in state)
-    for name in files:
-        if name.endswith(".npy"):
-            np.load(tiny_bundle / name, allow_pickle=False)
-    listed = [line.split("  ", 1)[1] for line in (tiny_bundle / "checksums.sha256").read_text().splitlines()]
-    assert sorted(listed) == [name for name in files if name != "checksums.sha256"]
-    if shutil.which("sha256sum"):  # the format the tool itself reads
-        subprocess.run(["sha256sum", "--check", "--quiet", "checksums.sha256"], cwd=tiny_bundle, check=True)
-
-
-@slow
 def test_a_tampered_weight_file_is_refused_naming_it(tiny_bundle, tmp_path):
-    from tlese.bundle.format import BundleError, load_bundle
+    from tlese.bundle.format import BundleError
 
     copy = _copy(tiny_bundle, tmp_path)
     target = copy / "weights" / "fold_1.safetensors"
@@ -203,15 +97,15 @@ def test_a_tampered_weight_file_is_refused_naming_it(tiny_bundle, tmp_path):
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
     with pytest.raises(BundleError, match=r"weights/fold_1\.safetensors differs from its checksum"):
-        load_bundle(copy)
+        _load(copy)
     (copy / "notes.txt").write_text("an extra file")
     with pytest.raises(BundleError, match=r"not in checksums\.sha256: \['notes\.txt'\]"):
-        load_bundle(copy)
+        _load(copy)
 
 
 @slow
 def test_an_edited_preprocessing_parameter_is_refused(tiny_bundle, tmp_path, monkeypatch):
-    from tlese.bundle.format import BundleError, load_bundle, write_checksums
+    from tlese.bundle.format import BundleError, write_checksums
 
     copy = _copy(tiny_bundle, tmp_path)
 
@@ -220,21 +114,65 @@ def test_an_edited_preprocessing_parameter_is_refused(tiny_bundle, tmp_path, mon
 
     _edit_json(copy / "model.json", widen)
     with pytest.raises(BundleError, match=r"model\.json differs from its checksum"):
-        load_bundle(copy)
+        _load(copy)
     write_checksums(copy)  # checksums made consistent again: the fingerprint still tells
     with pytest.raises(BundleError, match="do not match their recorded fingerprint"):
-        load_bundle(copy)
+        _load(copy)
 
     import tlese.data.preprocess as preprocess
 
     monkeypatch.setattr(preprocess, "PREPROCESS_VERSION", preprocess.PREPROCESS_VERSION + 1)
     with pytest.raises(BundleError, match="preprocessing version 1; the installed tlese has version 2"):
-        load_bundle(tiny_bundle)
+        _load(tiny_bundle)
+
+
+@slow
+def test_an_edit_with_a_recomputed_fingerprint_still_contradicts_the_model_spec(tiny_bundle, tmp_path):
+    from tlese.bundle.format import BundleError, write_checksums
+    from tlese.data.preprocess import PreprocessParams
+
+    copy = _copy(tiny_bundle, tmp_path)
+
+    def widen(meta):  # the fingerprint recomputed: only the model spec (what the folds trained with) tells
+        meta["preprocess"]["params"]["high_pct"] = 99.0
+        meta["preprocess"]["fingerprint"] = PreprocessParams.from_dict(meta["preprocess"]["params"]).fingerprint()
+
+    _edit_json(copy / "model.json", widen)
+    write_checksums(copy)
+    with pytest.raises(BundleError, match=r"model_spec contradicts .*preprocessing fingerprint '[0-9a-f]+' in "
+                                          r"model_spec"):
+        _load(copy)
+
+    copy = Path(shutil.copytree(tiny_bundle, tmp_path / "kwargs"))
+    _edit_json(copy / "model.json", lambda meta: meta["model"]["create_kwargs"].update(fusion="concat"))
+    write_checksums(copy)
+    with pytest.raises(BundleError, match="model_spec contradicts .*create kwargs"):
+        _load(copy)
+
+
+@slow
+def test_class_names_that_are_not_the_tasks_are_refused_naming_both(tiny_bundle, tmp_path):
+    from tlese.bundle.format import BundleError, write_checksums
+
+    copy = _copy(tiny_bundle, tmp_path)
+    meta = json.loads((copy / "model.json").read_text())
+    task_classes = list(meta["task"]["classes"])
+    swapped = [task_classes[1], task_classes[0], *task_classes[2:]]
+
+    def swap(value):  # class names and the spec agree with each other, not with the task the bundle carries
+        value["class_names"] = value["model_spec"]["class_names"] = swapped
+
+    _edit_json(copy / "model.json", swap)
+    write_checksums(copy)
+    with pytest.raises(BundleError) as refused:
+        _load(copy)
+    assert str(swapped) in str(refused.value) and str(task_classes) in str(refused.value)
+    assert "class_names" in str(refused.value) and "task" in str(refused.value)
 
 
 @slow
 def test_outputs_that_drift_from_the_reference_are_refused(tiny_bundle, tmp_path):
-    from tlese.bundle.format import BundleError, load_bundle, write_checksums
+    from tlese.bundle.format import BundleError, write_checksums
 
     copy = _copy(tiny_bundle, tmp_path)
 
@@ -245,86 +183,140 @@ def test_outputs_that_drift_from_the_reference_are_refused(tiny_bundle, tmp_path
     write_checksums(copy)
     with pytest.raises(BundleError, match=r"reference reference/ref_1\.npy: raw probabilities differ .* by up to "
                                           r"0\.001"):
-        load_bundle(copy)
+        _load(copy)
 
 
 @slow
-def test_the_temperature_is_fitted_on_out_of_fold_predictions_only(tiny_bundle, tiny_run):
-    import pandas as pd
+def test_calibration_not_applied_means_t_1_and_format_1_bundles_apply_it_to_the_mean(tiny_bundle, tmp_path):
+    from tlese.bundle.calibration import apply_temperature
+    from tlese.bundle.format import write_checksums
 
-    from tlese.train.rundir import RunDir
+    copy = _copy(tiny_bundle, tmp_path)
+    _edit_json(copy / "model.json", lambda meta: meta["calibration"].update(temperature=2.5, applied=False))
+    write_checksums(copy)
+    bundle = _load(copy)  # the references still hold: T is not applied
+    out = bundle.predict_arrays(np.random.default_rng(1).random((3, 2, 1, 32, 32), dtype=np.float32))
+    assert bundle.temperature == 1.0 and np.array_equal(out["calibrated"], out["raw"])
 
-    run = RunDir(tiny_run)
-    arm = run.arm(TINY_ARM)
-    card = json.loads((tiny_bundle / "card.json").read_text())
-    frames = []
-    for fold_dir in arm.predicted_folds():
-        frame = fold_dir.predictions("breasts")
-        split = fold_dir.split()
-        trained_on = set(split.loc[split["role"] != "test", "patient_id"])
-        assert set(frame["patient_id"]) <= fold_dir.test_patients()
-        assert not set(frame["patient_id"]) & trained_on  # no row predicted by a model that trained on it
-        assert set(frame["fold"]) == {fold_dir.fold}
-        frames.append(frame)
-    oof = pd.concat(frames, ignore_index=True)
-    summary = pd.read_csv(run.data_summary_file)
-    breasts = int(summary.loc[summary["fold"].astype(str) == "all", "breasts"].iloc[0])
-    assert len(oof) == breasts == card["calibration"]["n"]
-    assert not oof.duplicated(["patient_id", "side"]).any()  # each breast once, by the one model that held it out
-    classes = json.loads((tiny_bundle / "model.json").read_text())["class_names"]
-    probs = oof[[f"prob_{name}" for name in classes]].to_numpy()
-    assert fit_temperature(probs, oof["target"].to_numpy()) == pytest.approx(card["calibration"]["temperature"],
-                                                                             rel=1e-9)
-    assert expected_calibration_error(probs, oof["target"].to_numpy()) == pytest.approx(
-        card["calibration"]["ece_before"])
+    def legacy(meta):  # a format-1 record: no "applied", T on the ensemble mean
+        meta["calibration"] = {"method": "temperature", "temperature": 2.5,
+                               "applied_to": "ensemble-mean probability"}
+
+    _edit_json(copy / "model.json", legacy)
+    write_checksums(copy)
+    bundle = _load(copy, check_references=False)
+    out = bundle.predict_arrays(np.random.default_rng(1).random((3, 2, 1, 32, 32), dtype=np.float32))
+    assert bundle.temperature == 2.5 and np.allclose(out["calibrated"], apply_temperature(out["raw"], 2.5))
+
+
+def _as_format_1(folder: Path) -> None:
+    """Rewrite a bundle as format 1 wrote it: no model spec, ONNX, OOD model or applied flag; card without the
+    synthetic flag."""
+    from tlese.bundle.format import write_checksums
+
+    def downgrade(meta):
+        meta["format_version"] = 1
+        for key in ("model_spec", "onnx", "ood"):
+            meta.pop(key, None)
+        meta["calibration"] = {"method": "temperature", "temperature": 1.0, "applied_to": "ensemble-mean probability"}
+
+    _edit_json(folder / "model.json", downgrade)
+
+    def card(value):
+        value["training_data"].pop("synthetic", None)
+        value["training_data"].pop("validated_on", None)
+
+    _edit_json(folder / "card.json", card)
+    (folder / "ood.safetensors").unlink(missing_ok=True)
+    shutil.rmtree(folder / "onnx", ignore_errors=True)
+    (folder / "signature.json").unlink(missing_ok=True)
+
+    def expected(value):  # format 1 recorded no OOD score
+        for reference in value["references"]:
+            reference.pop("ood_score", None)
+
+    _edit_json(folder / "reference" / "expected.json", expected)
+    write_checksums(folder)
 
 
 @slow
-def test_the_command_writes_a_zip_that_loads_the_same(tiny_bundle, tiny_run, tmp_path, capsys):
-    from tlese.bundle.format import BundleError, load_bundle
-    from tlese.cli import main
+def test_a_format_1_bundle_still_loads_with_its_spec_built_from_the_v1_keys(tiny_bundle, tmp_path):
+    from tlese.bundle.format import BundleError, write_checksums
 
-    assert main(["bundle", str(tiny_run), "--arm", TINY_ARM, "--out", str(tmp_path / "b"), "--zip",
-                 "--intended-use", "research use only (test)"]) == 0
+    v2 = _load(tiny_bundle)
+    copy = _copy(tiny_bundle, tmp_path)
+    _as_format_1(copy)
+    v1 = _load(copy)
+    assert v1.meta["format_version"] == 1 and v1.spec == v2.spec
+    assert v1.ood is None and v1.onnx == [] and v1.onnx_predictor() is None
+    assert v1.synthetic  # a registered synthetic task (synth_*) says so when the card does not
+    assert "not recorded" in v1.validated_on
+    x = np.random.default_rng(2).random((2, 2, 1, 32, 32), dtype=np.float32)
+    assert np.allclose(v1.predict_arrays(x)["per_model"], v2.predict_arrays(x)["per_model"])
+    _edit_json(copy / "model.json", lambda meta: meta.update(format_version=2))
+    write_checksums(copy)
+    with pytest.raises(BundleError, match=r"format 2\) has no model_spec"):
+        _load(copy)
+
+
+@slow
+def test_the_bundles_onnx_files_give_the_same_outputs_and_are_checked(tiny_bundle, tmp_path):
+    from tlese.bundle.format import TOLERANCE, BundleError, write_checksums
+
+    bundle = _load(tiny_bundle)
+    assert [entry["fold"] for entry in bundle.onnx] == bundle.folds
+    predictor = bundle.onnx_predictor(threads=1)
+    x = np.random.default_rng(3).random((5, 2, 1, 32, 32), dtype=np.float32)
+    want, got = bundle.predict_arrays(x), predictor(x)
+    assert set(got) == set(want)
+    for key in ("per_model", "raw", "calibrated", "disagreement"):
+        assert np.abs(got[key] - want[key]).max() <= TOLERANCE
+    if bundle.ood is not None:  # OOD features from the graphs' second output
+        assert got["ood_flag"].dtype == bool and got["ood_score"].shape == (5,)
+        assert np.array_equal(got["ood_flag"], got["ood_score"] > bundle.ood.threshold)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        predictor(x * 255)
+
+    # A damaged ONNX file is refused at load, like any file.
+    copy = _copy(tiny_bundle, tmp_path)
+    target = copy / "onnx" / "fold_2.onnx"
+    target.write_bytes(target.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(BundleError, match=r"onnx/fold_2\.onnx differs from its checksum"):
+        _load(copy)
+    # Another fold's model in its place (checksums and records updated): the parity check under ONNX Runtime tells.
+    shutil.copy(copy / "onnx" / "fold_0.onnx", target)
+    sha = hashlib.sha256(target.read_bytes()).hexdigest()
+    _edit_json(copy / "model.json", lambda meta: meta["onnx"][2].update(sha256=sha))
+    write_checksums(copy)
+    swapped = _load(copy)
+    with pytest.raises(BundleError, match=r"under ONNX Runtime: per_model probabilities differ"):
+        swapped.onnx_predictor(threads=1)
+    # A recorded parity beyond the tolerance is refused.
+    _edit_json(copy / "model.json", lambda meta: meta["onnx"][0].update(max_abs_diff=1e-3))
+    write_checksums(copy)
+    with pytest.raises(BundleError, match=r"onnx/fold_0\.onnx: recorded parity 0\.001 is not within 0\.0001"):
+        _load(copy)
+
+
+@slow
+def test_a_zip_loads_the_same_and_a_damaged_member_is_refused(tiny_bundle, tmp_path):
+    from tlese.bundle.format import BundleError
+
     archive = tmp_path / "b.zip"
-    assert f"bundle: {archive}" in capsys.readouterr().out
-    assert not (tmp_path / "b").exists()
-    with zipfile.ZipFile(archive) as opened:
-        assert "model.json" in opened.namelist() and all(not n.startswith(("/", "..")) for n in opened.namelist())
-    zipped, folder = load_bundle(archive), load_bundle(tiny_bundle)
-    assert zipped.card["intended_use"] == "research use only (test)"
+    with zipfile.ZipFile(archive, "w") as opened:
+        for path in sorted(p for p in tiny_bundle.rglob("*") if p.is_file()):
+            opened.write(path, path.relative_to(tiny_bundle).as_posix())
+    zipped, folder = _load(archive), _load(tiny_bundle)
     assert zipped.folds == folder.folds and zipped.temperature == pytest.approx(folder.temperature)
-    assert [e["sha256"] for e in zipped.meta["weights"]] == [e["sha256"] for e in folder.meta["weights"]]
+    assert zipped.spec == folder.spec and zipped.sha256 == folder.sha256
     x = np.random.default_rng(7).random((3, 2, 1, 32, 32), dtype=np.float32)
     a, b = zipped.predict_arrays(x), folder.predict_arrays(x)
     assert all(np.array_equal(a[key], b[key]) for key in ("raw", "per_model", "calibrated"))
-    # A bundle is never overwritten.
-    assert main(["bundle", str(tiny_run), "--arm", TINY_ARM, "--out", str(tmp_path / "b"), "--zip"]) == 2
-    assert "exists" in capsys.readouterr().err
-    # A damaged member of the zip is refused like a damaged file.
+    assert np.allclose(zipped.onnx_predictor(threads=1)(x)["raw"], b["raw"], atol=1e-4)  # ONNX read from the zip
     damaged = tmp_path / "damaged.zip"
     with zipfile.ZipFile(archive) as source, zipfile.ZipFile(damaged, "w") as target:
         for name in source.namelist():
             data = source.read(name)
             target.writestr(name, data.replace(b"Luminal A", b"Luminal Z") if name == "card.json" else data)
     with pytest.raises(BundleError, match=r"card\.json differs from its checksum"):
-        load_bundle(damaged)
-
-
-@slow
-def test_only_finished_folds_are_bundled_and_none_is_refused(tiny_run, tmp_path):
-    from tlese.bundle.format import BundleError, load_bundle
-    from tlese.train.release import make_bundle
-    from tlese.train.rundir import RunDir
-
-    run = RunDir(shutil.copytree(tiny_run, tmp_path / "run"))
-    run.arm(TINY_ARM).fold(2).record_file.unlink()  # fold 2 "not finished"
-    bundle = load_bundle(make_bundle(run.path, TINY_ARM, tmp_path / "two"))
-    assert bundle.folds == [0, 1] and len(bundle.models) == 2
-    assert bundle.card["folds_missing"] == [2]
-    assert bundle.card["calibration"]["fitted_on"].endswith("[0, 1]")
-    for fold_dir in run.arm(TINY_ARM).predicted_folds():
-        fold_dir.record_file.unlink()
-    with pytest.raises(BundleError, match="no finished fold"):
-        make_bundle(run.path, TINY_ARM, tmp_path / "none")
-    assert not (tmp_path / "none").exists()
+        _load(damaged)

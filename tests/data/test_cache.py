@@ -155,3 +155,106 @@ def test_summary_text():
     summary = PrepareSummary(images=2, prepared=1, skipped=[("a.dcm", "empty file (0 bytes)")], seconds=1.25)
     assert str(summary).startswith("images: 2  prepared: 1  cached: 0  skipped: 1  seconds: 1.2")
     assert "skipped a.dcm: empty file (0 bytes)" in str(summary)
+
+
+def _full_disk_while_compacting(monkeypatch):
+    """Make `manifest.compact` meet a full disk half-way through writing (in this process only: the workers that
+    write the PNGs are done by then)."""
+    import errno
+
+    import tlese.data.cache as cache
+
+    real_fdopen, real_compact = os.fdopen, cache._Manifest.compact
+
+    class HalfWritten:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            self.handle.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    def compact(self, own):
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: HalfWritten(real_fdopen(fd, mode, *a, **k)))
+            real_compact(self, own)
+
+    monkeypatch.setattr(cache._Manifest, "compact", compact)
+
+
+def test_a_full_disk_leaves_the_old_manifest_whole_and_loses_nothing(tmp_path, good_files, monkeypatch, capsys):
+    import errno
+
+    from tlese.cli import main
+
+    cache_dir = tmp_path / "cache"
+    first = good_files.iloc[:2]
+    prepare_table(first, PARAMS, cache_dir, workers=1, progress=False)
+    folder = cache_dir / PARAMS.fingerprint()
+    before = (folder / "manifest.csv").read_bytes()
+
+    with monkeypatch.context() as patch:
+        _full_disk_while_compacting(patch)
+        with pytest.raises(OSError) as error:
+            prepare_table(good_files, PARAMS, cache_dir, workers=1, progress=False)
+        assert error.value.errno == errno.ENOSPC
+    assert (folder / "manifest.csv").read_bytes() == before  # whole, not truncated
+    assert not list(folder.glob(".*.tmp"))  # the half-written temporary is gone
+    assert "p.png" in (folder / "manifest.journal").read_text()  # the finished image is kept in the journal
+
+    _, summary = prepare_table(good_files, PARAMS, cache_dir, workers=1, progress=False)
+    assert (summary.prepared, summary.cached) == (0, 3)  # nothing was lost: the third image is reused
+    assert len(pd.read_csv(folder / "manifest.csv")) == 3 and not (folder / "manifest.journal").exists()
+
+    import tlese.data.datasets as datasets
+
+    monkeypatch.setattr(datasets, "get_adapter", lambda name: (lambda root: good_files))
+    _full_disk_while_compacting(monkeypatch)
+    out = tmp_path / "other_cache"
+    assert main(["prepare", "--dataset", "fake", "--root", str(tmp_path), "--out", str(out), "--size", "48",
+                 "--workers", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tlese prepare: error: writing under {out}: no space left on the disk (free some space or write "
+                   "elsewhere; finished work is kept and the same command resumes)"]
+
+
+def test_a_full_disk_while_writing_pngs_stops_the_run_instead_of_skipping_images(tmp_path, good_files, monkeypatch,
+                                                                                  capsys):
+    import errno
+
+    import tlese.data.cache as cache
+    import tlese.data.datasets as datasets
+    from tlese.cli import main
+
+    real_write, written = cache.write_png16, []
+
+    def write_until_full(image, path):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        return real_write(image, path)
+
+    monkeypatch.setattr(cache, "write_png16", write_until_full)
+    with pytest.raises(OSError) as error:
+        prepare_table(good_files, PARAMS, tmp_path / "cache", workers=1, progress=False)
+    assert error.value.errno == errno.ENOSPC and error.value.filename.endswith(".png")
+
+    monkeypatch.setattr(cache, "write_png16", real_write)  # space freed: the image written before is reused
+    _, summary = prepare_table(good_files, PARAMS, tmp_path / "cache", workers=1, progress=False)
+    assert (summary.prepared, summary.cached, summary.skipped) == (2, 1, [])
+
+    written.clear()
+    monkeypatch.setattr(cache, "write_png16", write_until_full)
+    monkeypatch.setattr(datasets, "get_adapter", lambda name: (lambda root: good_files))
+    assert main(["prepare", "--dataset", "fake", "--root", str(tmp_path), "--out", str(tmp_path / "other"),
+                 "--size", "48", "--workers", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"tlese prepare: error: {tmp_path / 'other'}")
+    assert ".png: no space left on the disk (free some space" in err[0]

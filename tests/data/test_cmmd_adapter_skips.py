@@ -13,8 +13,7 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tlese.data.datasets import load_dataset
-from tlese.data.datasets._common import format_skipped, walk_files
+from tlese.data.datasets import format_skipped, load_dataset, walk_files
 
 CLINICAL_HEADER = ["ID1", "LeftRight", "Age", "number", "abnormality", "classification", "subtype"]
 STUDY = "07-18-2010-NA-NA-79377/1.000000-NA-70244"

@@ -13,8 +13,7 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from tlese.data.datasets import get_adapter, list_adapters, load_dataset, register_adapter
-from tlese.data.datasets._common import TABLE_COLUMNS
+from tlese.data.datasets import TABLE_COLUMNS, get_adapter, list_adapters, load_dataset, register_adapter
 from tlese.data.datasets.cmmd import load_cmmd, load_cmmd_labels, normalise_subtype
 from tlese.data.datasets.mias import mias_patient_and_side, parse_info_txt
 

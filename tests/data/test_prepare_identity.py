@@ -16,8 +16,7 @@ from PIL import Image
 
 import tlese.data.cache as cache
 from tlese.data.cache import DataIntegrityError, prepare_table, read_png16
-from tlese.data.datasets import load_dataset
-from tlese.data.datasets._common import finish_table
+from tlese.data.datasets import finish_table, load_dataset
 from tlese.data.io import ImageReadError
 
 PARAMS = cache.PreprocessParams(size=48)

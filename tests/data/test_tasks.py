@@ -238,3 +238,63 @@ def test_a_task_built_in_python_names_the_bad_field():
     with pytest.raises(TaskFieldError, match=r"task t: views: expected distinct views") as error:
         Task("t", "label", ("a", "b"), views=("CC", "CC"))
     assert error.value.key == "views"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resolve_task: what `--task` accepts on the command line
+
+
+HER2 = {"name": "her2", "label_column": "subtype", "classes": ["other", "HER2"],
+        "grouping": {"Luminal A": "other", "Luminal B": "other", "triple negative": "other", "HER2-enriched": "HER2"}}
+
+
+def test_resolve_task_takes_a_name_a_file_or_an_inline_mapping(tmp_path):
+    import json
+
+    from tlese.data.tasks import resolve_task
+
+    assert resolve_task("cmmd_subtype4") is get_task("cmmd_subtype4")
+    expected = Task.from_dict(HER2)
+    yaml_file, json_file = tmp_path / "her2.yaml", tmp_path / "her2.json"
+    yaml_file.write_text(yaml.safe_dump(HER2))
+    json_file.write_text(json.dumps(HER2))
+    inline = ("{name: her2, label_column: subtype, classes: [other, HER2], grouping: {Luminal A: other, "
+              "Luminal B: other, triple negative: other, HER2-enriched: HER2}}")
+    for value in (str(yaml_file), str(json_file), inline, json.dumps(HER2), yaml.safe_dump(HER2), HER2, expected):
+        assert resolve_task(value) == expected
+
+
+@pytest.mark.parametrize("value, error, match", [
+    ("nope", ValueError, r"unknown task 'nope'; valid: .*cmmd_subtype4.* \(or a YAML file path, or an inline"),
+    ("tasks/missing.yaml", FileNotFoundError, r"tasks/missing.yaml: task file not found"),
+    ("{name: x, classes: [a, b", ValueError, r"inline task: YAML syntax error \(line 1, column \d+\)"),
+    ("{name: x, label_column: y, classes: [a, b], colour: red}", ValueError,
+     r"inline task: unknown key\(s\) \['colour'\]"),
+    ("{name: x, label_column: y, classes: [a]}", ValueError, r"inline task.classes: must be at least two"),
+])
+def test_resolve_task_errors_name_the_source(value, error, match):
+    from tlese.data.tasks import resolve_task
+
+    with pytest.raises(error, match=match):
+        resolve_task(value)
+
+
+def test_a_bad_task_file_is_named_with_its_line(tmp_path):
+    from tlese.data.tasks import resolve_task
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nclasses: [a, b\nlabel_column: y\n")
+    with pytest.raises(ValueError, match=rf"{path}: YAML syntax error \(line 3, column \d+\)"):
+        resolve_task(str(path))
+
+
+def test_the_task_of_docs_architecture_resolves(tmp_path):
+    from pathlib import Path
+
+    from tlese.data.tasks import resolve_task
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    block = docs.split("**A task.**")[1].split("```yaml\n")[1].split("```")[0]
+    (tmp_path / "her2.yaml").write_text(block)
+    task = resolve_task(str(tmp_path / "her2.yaml"))
+    assert task.classes == ("other", "HER2") and task.class_of("HER2-enriched") == "HER2"

@@ -151,3 +151,31 @@ def test_report_command(tmp_path, predictions_factory, capsys):
     args = parser.parse_args(["report", "--predictions", str(csv), "--classes", "A,B", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="prob_A"):
         args.func(args)
+
+
+def test_report_shows_the_whole_comparison_table_and_no_nan_for_no_missing_class(tmp_path, predictions_factory):
+    good = predictions_factory(n_patients=24, seed=0)
+    poor = predictions_factory(n_patients=24, seed=0, signal=0.2)
+    comparison = comparison_table({"TLese": good, "ResNet-50": poor}, CLASSES, reference="ResNet-50", n_boot=50)
+    # the data summary as merge reads it back from data_summary.csv: "" (no missing class) has become NaN
+    (tmp_path / "data_summary.csv").write_text("fold,patients,missing_classes\n0,12,\n1,12,Luminal B\nall,24,\n")
+    data_summary = pd.read_csv(tmp_path / "data_summary.csv")
+    assert data_summary["missing_classes"].isna().sum() == 2
+    paths = write_report(
+        tmp_path / "run", title="compare", summary_table=summary_table(good, CLASSES, n_boot=20), per_fold_table=None,
+        predictions=good, class_names=CLASSES, environment={"seed": 0}, data_summary=data_summary,
+        comparison_table=comparison,
+    )
+    html, md = paths["html"].read_text(), paths["md"].read_text()
+    comparison_html = html.split("<h2>Model comparison</h2>")[1].split("<h2>")[0]
+    assert "overflow" not in comparison_html  # no scrolling box that hides columns
+    assert comparison_html.count("<tr") == len(comparison) + 1  # every row (and the header)
+    assert all(f"<th>{column}</th>" in comparison_html for column in comparison.columns)
+    assert re.search(r"table\.table th, table\.table td \{[^}]*overflow-wrap: anywhere", html)
+    assert not re.search(r"body \{[^}]*max-width", html)  # the page may be as wide as the window
+    md_comparison = md.split("## Model comparison")[1].split("## ")[0]
+    assert sum(line.startswith("| TLese |") for line in md_comparison.splitlines()) == len(comparison)
+    data_md = md.split("## Data summary")[1].split("## ")[0]
+    assert "| 0 | 12 | none |" in data_md and "| 1 | 12 | Luminal B |" in data_md and "NaN" not in data_md
+    data_html = html.split("<h2>Data summary</h2>")[1].split("<h2>")[0]
+    assert data_html.count("<td>none</td>") == 2 and "NaN" not in data_html

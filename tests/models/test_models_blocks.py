@@ -5,12 +5,10 @@ import torch
 
 from tlese.models.blocks import (
     BLOCK_PLACEMENTS,
-    ESE_PLACEMENTS,
     ConvBNAct,
     EffectiveSE,
     InvertedResidual,
     SamePad2d,
-    block_placement,
     ese_modules,
     ese_state_keys,
 )
@@ -82,14 +80,10 @@ def test_a_block_without_ese_has_an_identity_in_its_place():
     assert {k for k in gated.state_dict()} - {k for k in block.state_dict()} == {"ese.fc.weight", "ese.fc.bias"}
 
 
-def test_one_placement_vocabulary_for_blocks_and_backbones():
-    assert set(BLOCK_PLACEMENTS) < set(ESE_PLACEMENTS)
-    assert [block_placement("stage", last) for last in (False, True)] == ["none", "output"]
-    assert all(block_placement(p, last) == p for p in BLOCK_PLACEMENTS for last in (False, True))
-    with pytest.raises(ValueError, match="unknown ESE placement 'middle'; valid: none, expanded, output, stage"):
-        block_placement("middle", True)
+def test_a_block_takes_only_block_placements():
+    assert BLOCK_PLACEMENTS == ("none", "expanded", "output")
     with pytest.raises(ValueError, match="unknown ESE placement 'stage'; valid: none, expanded, output$"):
-        InvertedResidual(8, 8, ese="stage")  # a stage placement is resolved by the backbone, block by block
+        InvertedResidual(8, 8, ese="stage")  # which blocks are gated is the backbone table's business
 
 
 def test_ese_is_found_by_type_not_by_name():

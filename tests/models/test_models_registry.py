@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tlese.models import create_model, list_models
-from tlese.models.tlese_resnet import DEFAULT_ESE, TLeseBackbone
+from tlese.models.tlese_resnet import TLeseBackbone
 
 EXPECTED = {
     "tlese_mbv2", "tlese_mbv2_ese_expanded", "tlese_mbv2_ese_output", "mbv2_plain",
@@ -36,7 +36,8 @@ def test_contract_attributes():
     keys = model.state_dict().keys()
     assert all(k.startswith(("backbone.", "head.")) for k in keys)
     assert "mean" not in keys  # normalisation buffers are not persistent: checkpoints load across channel counts
-    assert isinstance(model.backbone, TLeseBackbone) and model.backbone.ese_placement == DEFAULT_ESE
+    assert isinstance(model.backbone, TLeseBackbone)
+    assert all(stage.ese == "output" and stage.ese_last_only for stage in model.backbone.arch.stages)  # the default
     lite = create_model("tlese_lite0", 2, in_chans=3)
     assert lite.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
 

@@ -1,5 +1,5 @@
-"""ONNX export (tlese.predict.export): PyTorch/ONNX Runtime parity, dynamic batch, a valid file, the wrapper's
-checks, and a smoke run of benchmarks/bench_onnx.py.
+"""ONNX export (tlese.bundle.onnx, re-exported by tlese.predict.export): PyTorch/ONNX Runtime parity, dynamic batch, a
+valid file, the features output, the wrapper's checks, and a smoke run of benchmarks/bench_onnx.py.
 
 Random-init models are useless for parity: their features vanish (BN running stats are the init's 0 / 1), so the
 logits are the head bias whatever the graph computes. `_calibrated` gives every BN the batch statistics of one
@@ -8,6 +8,7 @@ train-mode forward and random affine terms, and every ESE gate random weights, s
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -20,9 +21,9 @@ from torch import nn
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
+from tlese.bundle.onnx import OnnxModel, check_onnx, export_onnx, input_shape, quantize_onnx  # noqa: E402
 from tlese.models import create_model  # noqa: E402
 from tlese.models.blocks import EffectiveSE  # noqa: E402
-from tlese.predict.export import OnnxModel, check_onnx, export_onnx, input_shape, quantize_onnx  # noqa: E402
 
 SIZE = 64
 TOLERANCE = 1e-4  # max |logit difference|, absolute for logits up to 1 in size, relative beyond
@@ -94,6 +95,39 @@ def test_file_is_valid_self_contained_with_metadata(lite0_dual):
     assert meta["tlese.model"] == "tlese_lite0" and meta["tlese.views"] == "dual"
     assert meta["tlese.input_shape"] == f"2x1x{SIZE}x{SIZE}" and meta["tlese.num_classes"] == "4"
     assert model.training is False and model.check_input is True  # export worked on a copy
+
+
+def test_the_prediction_library_re_exports_the_bundles_onnx_code():
+    import tlese.bundle.onnx as bundle_onnx
+    import tlese.predict.export as export
+
+    for name in ("OnnxModel", "check_onnx", "export_onnx", "input_shape", "quantize_onnx", "session_options",
+                 "export_bundle_onnx"):
+        assert getattr(export, name) is getattr(bundle_onnx, name)
+
+
+def test_features_output_matches_the_models_features_and_bytes_load_like_a_file(tmp_path):
+    from tlese.bundle.onnx import FEATURES_NAME, OUTPUT_NAME, export_bundle_onnx
+    from tlese.bundle.ood import feature_extractor
+
+    model = _calibrated("tlese_mbv2", "dual")
+    x = _inputs("dual", batch=3, seed=4)
+    entries = export_bundle_onnx([model], tmp_path, folds=[7], views="dual", image_size=SIZE,
+                                 references=list(x.numpy()))
+    assert [(e["file"], e["fold"], e["outputs"]) for e in entries] == [("onnx/fold_7.onnx", 7, ["logits", "features"])]
+    path = tmp_path / entries[0]["file"]
+    assert entries[0]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert entries[0]["max_abs_diff"] <= TOLERANCE and entries[0]["within_tolerance"]
+    runner = OnnxModel(path.read_bytes(), threads=1, name="fold_7.onnx")  # from bytes, as a zipped bundle reads it
+    assert runner.output_names == [OUTPUT_NAME, FEATURES_NAME] and "fold_7.onnx" in repr(runner)
+    logits, features = runner.run(x.numpy())
+    with torch.no_grad():
+        want_logits, want_features = model(x).numpy(), feature_extractor(model)(x).numpy()
+    assert features.shape == want_features.shape == (3, 2, model.num_features)
+    assert np.abs(logits - want_logits).max() <= TOLERANCE and np.abs(features - want_features).max() <= TOLERANCE
+    assert np.array_equal(runner(x.numpy()), logits)  # __call__: the logits only
+    with pytest.raises(ValueError, match="out_dir, views, image_size and reference inputs"):
+        export_bundle_onnx([model], tmp_path)
 
 
 def test_export_leaves_the_model_alone_and_checks_views(tmp_path):

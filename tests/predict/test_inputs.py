@@ -21,6 +21,7 @@ from tlese.predict.inputs import (
     read_input,
     safe_extract_zip,
     safe_reason,
+    sniff_image,
 )
 
 
@@ -124,7 +125,7 @@ def test_a_zip_is_extracted_and_grouped(flat, tmp_path):
     with collect_inputs([archive]) as found:
         assert len(found.breasts) == 1 and found.refused == []
         image = found.breasts[0].images[0]
-        assert image.label.startswith(f"{archive}!study/") and image.path.is_file()
+        assert image.label.startswith("exam.zip!study/") and image.path.is_file()
         extracted = image.path
     assert not extracted.exists()  # the temporary folder is gone once the set is closed
 
@@ -137,7 +138,7 @@ def test_a_zip_with_path_traversal_is_refused_and_writes_nothing(flat, tmp_path)
         zf.write(flat / "img_0.dcm", "good.dcm")
         zf.writestr("../../x.dcm", b"DICM" * 10)
     with collect_inputs([archive, flat / "img_1.dcm"]) as found:
-        assert [entry.label for entry in found.refused] == [str(archive)]
+        assert [entry.label for entry in found.refused] == ["evil.zip"]  # relative: never the folders above
         assert "traversal" in found.refused[0].reason
         assert len(found.breasts) == 1  # the other input still counts
     assert not list(tmp_path.rglob("x.dcm"))
@@ -200,3 +201,91 @@ def test_a_png_without_manifest_is_refused(tmp_path):
     Image.fromarray(np.zeros((40, 40), dtype=np.uint8)).save(tmp_path / "lonely.png")
     with collect_inputs([tmp_path]) as found:
         assert found.breasts == [] and "manifest" in found.refused[0].reason
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Identity conflicts: never a merge, never a silent choice, never a drop
+
+
+def _two_patients_one_study(cbis_dicoms, folder):
+    """Patient A's CC and patient B's MLO (left breast), both under one StudyInstanceUID."""
+    folder.mkdir()
+    study = generate_uid()
+    cc = next(p for p in cbis_dicoms if cbis_truth(p)[1:] == ("L", "CC"))
+    mlo = next(p for p in cbis_dicoms if cbis_truth(p)[1:] == ("L", "MLO"))
+    dicom_copy(cc, folder / "a.dcm", new_study=False, StudyInstanceUID=study, PatientID="PAT-A")
+    dicom_copy(mlo, folder / "b.dcm", new_study=False, StudyInstanceUID=study, PatientID="PAT-B")
+    return folder
+
+
+def test_two_patients_sharing_a_study_uid_are_two_breasts_both_in_conflict(cbis_dicoms, tmp_path):
+    folder = _two_patients_one_study(cbis_dicoms, tmp_path / "shared_study")
+    with collect_inputs([folder]) as found:
+        assert len(found.breasts) == 2  # not merged into one
+        assert sorted(len(breast.images) for breast in found.breasts) == [1, 1]
+        for breast in found.breasts:
+            (conflict,) = breast.conflicts
+            assert "StudyInstanceUID" in conflict and "another patient" in conflict
+            assert ("b.dcm" if breast.images[0].label == "a.dcm" else "a.dcm") in conflict
+            assert "PAT-" not in conflict
+        assert found.breasts[0].key_material != found.breasts[1].key_material
+
+
+def test_one_image_under_two_patients_is_kept_for_both_and_in_conflict(cbis_dicoms, tmp_path):
+    source = next(p for p in cbis_dicoms if cbis_truth(p)[1:] == ("R", "MLO"))
+    folder = tmp_path / "shared_image"
+    folder.mkdir()
+    first = dicom_copy(source, folder / "x1.dcm", PatientID="PAT-A")
+    import pydicom
+
+    ds = pydicom.dcmread(first)
+    ds.PatientID, ds.StudyInstanceUID = "PAT-B", generate_uid()  # same SOPInstanceUID, another patient and study
+    ds.save_as(folder / "x2.dcm")
+    with collect_inputs([folder]) as found:
+        assert len(found.breasts) == 2 and found.refused == []  # neither dropped
+        for breast in found.breasts:
+            assert any("also given under another patient" in conflict for conflict in breast.conflicts)
+    # the same PNG under two patients in a manifest: the bytes match
+    from PIL import Image
+
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)).save(tmp_path / "p.png")
+    (tmp_path / "m.csv").write_text("patient,side,view,path\nA,L,MLO,p.png\nB,L,MLO,p.png\n")
+    with collect_inputs([tmp_path / "m.csv"]) as found:
+        assert len(found.breasts) == 2
+        assert all("m.csv:" in breast.conflicts[0] for breast in found.breasts)
+    # the same image twice for one patient is no conflict: used once, noted
+    (tmp_path / "n.csv").write_text("patient,side,view,path\nA,L,MLO,p.png\nA,L,MLO,p.png\n")
+    with collect_inputs([tmp_path / "n.csv"]) as found:
+        (breast,) = found.breasts
+        assert breast.conflicts == [] and len(breast.images) == 1 and "given twice" in breast.notes[0]
+
+
+def test_labels_are_relative_to_the_input_root(flat, tmp_path):
+    secret_folder = tmp_path / "Doe_Jane_1950"
+    shutil.copytree(flat, secret_folder / "exam")
+    with collect_inputs([secret_folder, secret_folder / "exam" / "img_0.dcm", secret_folder / "nothing.dcm"]) as found:
+        labels = [image.label for image in found.images] + [entry.label for entry in found.refused]
+    assert labels and not any("Doe_Jane" in label or label.startswith("/") for label in labels)
+    assert "exam/img_0.dcm" in labels and "nothing.dcm" in labels
+    with collect_inputs([secret_folder / "exam" / "img_1.dcm"], label_root=secret_folder) as found:
+        assert [image.label for image in found.images] == ["exam/img_1.dcm"]
+
+
+def test_a_zero_filled_dicom_is_refused_from_its_first_bytes(cbis_dicoms, tmp_path, monkeypatch):
+    from tlese.predict import inputs as inputs_module
+
+    zeros = tmp_path / "zeros.dcm"
+    with open(zeros, "wb") as handle:
+        handle.truncate(300 * 2**20)  # 300 MB of zeros (sparse: nothing written)
+    body = tmp_path / "body"
+    body.write_bytes(b"\x08\x00" + bytes(2**20))
+    parsed = []
+    monkeypatch.setattr(inputs_module, "read_header_and_tags", lambda *a: parsed.append(a) or None)
+    for path in (zeros, body):
+        assert sniff_image(path) is None
+        refused = read_input(path, path.name)
+        assert "not a DICOM" in refused.reason
+    assert parsed == []  # no parser was asked
+    bare = tmp_path / "bare"
+    bare.write_bytes(Path(cbis_dicoms[0]).read_bytes()[132:])  # no preamble: a bare data set (group 0002 first)
+    assert sniff_image(bare) == "dicom" and sniff_image(cbis_dicoms[0]) == "dicom"

@@ -103,3 +103,19 @@ def test_rejects_bad_exam_without_naming_the_patient(exam, tmp_path):
             write_sr(sources, results, ALGORITHM, tmp_path / "x.dcm", INTENDED_USE)
         assert PATIENT_ID not in str(err.value) and PATIENT_NAME not in str(err.value)
     assert not (tmp_path / "x.dcm").exists()
+
+
+def test_sr_is_owner_only_quiet_and_says_synthetic(exam, tmp_path, capfd, recwarn):
+    left = {k: v for k, v in exam.items() if k[0] == "L"}
+    results = [_result("L", "degraded", left, dict(zip(CLASSES, (0.4, 0.3, 0.2, 0.1))),
+                       ["unlike the training images: out-of-distribution score 9.1 above threshold 3.2"])]
+    notice = "this model was trained on SYNTHETIC images; validated on: nothing real"
+    path = write_sr(list(exam.values()), results, ALGORITHM, tmp_path / "sr" / "exam.dcm", INTENDED_USE,
+                    notices=[notice], synthetic=True)
+    assert path.stat().st_mode & 0o777 == 0o600  # it carries the patient module
+    printed = capfd.readouterr()
+    assert "withheld" not in printed.out + printed.err and not [w for w in recwarn if "SR" in str(w.message)]
+    got = read_sr(path)
+    assert "SYNTHETIC" in got["series_description"]
+    assert got["breasts"]["L"]["reasons"][0] == notice
+    assert any("out-of-distribution" in reason for reason in got["breasts"]["L"]["reasons"])

@@ -124,3 +124,39 @@ def test_cli_runs(tiny_bundle, external_set, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "external evaluation of bundle" in printed and "WARNING" in printed
     assert (out / "report.html").is_file() and (out / "plots" / "calibration.png").is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_on_mini_mias_pngs_through_the_adapters_table(mias_dir, tmp_path, capsys):
+    """A PNG set: side and view come from the adapter's table (written as predict's manifest), so the breasts are
+    evaluated, not refused as 'PNG without a manifest'. The task defaults to the bundle's own."""
+    import yaml
+
+    from tlese.bundle.format import load_bundle
+    from tlese.train.config import load_experiment
+    from tlese.train.cv import run_cv
+    from tlese.train.release import make_bundle
+
+    recipe = {"epochs": 1, "batch_size": 16, "lr": 0.002, "warmup_epochs": 0.5, "progress_bar": False,
+              "accelerator": "cpu", "val_fraction": 0.25}
+    config = {"name": "mias_tiny", "seed": 0, "output_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "c"),
+              "image_size": 32, "views": "single", "folds": 2, "bootstrap": 10, "prepare_workers": 1,
+              "target": {"adapter": "mias", "root": str(mias_dir), "task": "mias_density"},
+              "target_recipe": recipe, "arms": [{"name": "plain_scratch", "model": "lite0_plain",
+                                                 "transfer": "scratch"}]}
+    (tmp_path / "mias.yaml").write_text(yaml.safe_dump(config))
+    run = run_cv(load_experiment(tmp_path / "mias.yaml"))
+    bundle = load_bundle(make_bundle(run, "plain_scratch", tmp_path / "bundle"), allow_unsigned=True)
+    assert bundle.views == "single"
+    paths = evaluate_bundle(bundle, "mias", mias_dir, None, tmp_path / "out", n_boot=10, seed=0)
+    evaluation = json.loads(paths["evaluation_json"].read_text())
+    assert evaluation["task"] == "mias_density"
+    assert evaluation["evaluated_breasts"] > 0.9 * evaluation["labelled_breasts"] > 0
+    assert not any("without a manifest" in reason for reason in evaluation["refused_reasons"])
+    document = json.loads((paths["predict_dir"] / "predictions.json").read_text())
+    assert document["bundle"]["views_read"] == ["MLO"]
+    # an MLO-only bundle given MLO images: no "CC view missing" (a breast is degraded only for another reason)
+    assert not any("missing" in reason for breast in document["breasts"].values() for reason in breast["reasons"])
+    manifest = pd.read_csv(paths["manifest"])
+    assert list(manifest.columns) == ["patient", "side", "view", "path"] and set(manifest["view"]) == {"MLO"}
+    assert paths["manifest"].stat().st_mode & 0o777 == 0o600

@@ -9,6 +9,8 @@ pointed at another one (predict's own temporary folders land there); both must b
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import io
 import json
 import logging
@@ -243,25 +245,37 @@ def test_every_limit_and_bad_upload_gets_its_4xx(serve, cbis_dicoms, tmp_path):
     assert service.drain(30) and service.in_flight == 0
 
 
+def small_png(side: str = "L", view: str = "MLO") -> tuple[list[tuple], dict]:
+    """A tiny PNG upload with its side and view: checked in milliseconds, whatever the machine's load."""
+    buffer = io.BytesIO()
+    Image.fromarray((np.arange(128 * 96).reshape(128, 96) % 251).astype(np.uint8)).save(buffer, "PNG")
+    return [("files", ("small.png", buffer.getvalue(), "image/png"))], {"side": side, "view": view}
+
+
 def test_timeout_and_busy_answers_and_the_service_stays_up(serve, cbis_dicoms, monkeypatch):
+    """No real prediction under a short timeout: the blocked prediction is a stand-in that waits for the test; the
+    uploads are a tiny PNG; the real exam at the end runs under a generous timeout."""
     real_predict = app_module.predict
-    release = threading.Event()
+    release, started = threading.Event(), threading.Event()
 
-    def slow_predict(*args, **kwargs):
-        release.wait(20)
-        return real_predict(*args, **kwargs)
+    def blocked_predict(*args, **kwargs):
+        started.set()
+        release.wait(60)
+        raise RuntimeError("released")
 
-    monkeypatch.setattr(app_module, "predict", slow_predict)
-    client, service = serve(Limits(request_timeout_s=1.0, workers=1, max_queue=0))
-    files = exam(cbis_dicoms, "P_00173")
-    assert "timeout" in error_of(post(client, files), 504, "timeout")
+    monkeypatch.setattr(app_module, "predict", blocked_predict)
+    client, service = serve(Limits(request_timeout_s=5.0, workers=1, max_queue=0))
+    files, form = small_png()
+    assert "timeout" in error_of(client.post("/api/v1/predict", files=files, data=form), 504, "timeout")
+    assert started.is_set()
     # the timed-out prediction still runs (and holds the only worker): the next request is turned away
     assert service.in_flight == 1
-    assert "busy" in error_of(post(client, files), 503, "busy")
+    assert "busy" in error_of(client.post("/api/v1/predict", files=files, data=form), 503, "busy")
     release.set()
     assert service.drain(60) and service.in_flight == 0
     monkeypatch.setattr(app_module, "predict", real_predict)
-    assert post(client, files).status_code == 200
+    service.limits = dataclasses.replace(service.limits, request_timeout_s=600.0)  # generous: any machine
+    assert post(client, exam(cbis_dicoms, "P_00173")).status_code == 200
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,7 +333,7 @@ def test_identifiers_appear_nowhere(serve, cbis_dicoms, tmp_path, caplog, capfd,
 
 
 def test_concurrent_requests_each_get_their_own_answer(serve, cbis_dicoms):
-    client, _ = serve(Limits(workers=2, max_queue=8))
+    client, _ = serve(Limits(workers=2, max_queue=8, max_per_client=8))  # one test client: one address
     inputs = {"P_00173": exam(cbis_dicoms, "P_00173"), "P_00820": exam(cbis_dicoms, "P_00820"),
               "one view": exam(cbis_dicoms, "P_00173", views=(("L", "CC"),))}
     single = {name: answer(post(client, files).json()) for name, files in inputs.items()}
@@ -401,3 +415,196 @@ def test_salt_is_made_once_beside_the_audit_log(bundle, tmp_path, monkeypatch):
     for app in (first, second):
         app.state.service.close()
     shutil.rmtree(tmp_path / "requests", ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Safety: a stalled upload, a cheap sniff, per-client limits, a full disk, the temporary area, the log line
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_stalled_uploads_are_closed_and_a_good_request_is_answered(bundle, cbis_dicoms, tmp_path, monkeypatch):
+    """20 real connections to a real uvicorn send their headers and half a body, then nothing. One client address
+    holds at most max_per_client of them (the rest: 429 at once), those it holds are answered 408 at the deadline
+    and closed; meanwhile a good request from another address is answered 200. Statuses only: no timing asserted."""
+    import socket
+
+    import httpx
+    import uvicorn
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    limits = Limits(request_timeout_s=45.0, workers=1, max_queue=2, max_per_client=4)
+    app = create_app(bundle, limits, audit_log=tmp_path / "state" / "audit.jsonl", salt=SALT,
+                     tmp_dir=tmp_path / "requests")
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_keep_alive=5, limit_concurrency=limits.max_uploads + 32))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(600):
+            if server.started:
+                break
+            time.sleep(0.1)
+        assert server.started
+        body = b"--B\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.dcm\"\r\n\r\n" + bytes(2**16)
+        head = (f"POST /api/v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=B"
+                f"\r\nContent-Length: {2 * len(body)}\r\n\r\n").encode()
+        stalled = []
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(head + body)  # half the body, then nothing
+            stalled.append(sock)
+        # a good exam from another address, while the stalled ones hold their slots
+        transport = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(transport=transport, base_url=f"http://127.0.0.1:{port}", timeout=120) as good:
+            files = exam(cbis_dicoms, "P_00173")
+            answer_ = good.post("/api/v1/predict", files=files)
+        assert answer_.status_code == 200, answer_.text
+        assert answer_.json()["summary"]["ok"] == 2
+        statuses, closed = [], 0
+        for sock in stalled:
+            sock.settimeout(120)
+            received = b""
+            while chunk := sock.recv(4096):  # the answer, then the end: the server closes the connection
+                received += chunk
+            closed += 1
+            statuses.append(int(received.split(b" ")[1]) if received else None)
+            sock.close()
+        assert sorted(statuses) == [408] * 4 + [429] * 16, statuses
+        assert closed == 20
+        health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json()
+        assert health["status"] == "ok" and health["in_flight"] == 0
+    finally:
+        server.should_exit = True
+        thread.join(60)
+    assert not list((tmp_path / "requests").iterdir())  # emptied on exit
+
+
+def test_a_zero_body_is_refused_from_its_first_bytes(serve, monkeypatch):
+    import pydicom
+
+    client, _ = serve()
+    parsed = []
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: parsed.append(1))
+    for content in (b"\x08\x00" + bytes(4 * 2**20), bytes(128) + b"DICM" + bytes(2**20)):
+        response = post(client, [("files", ("zeros.dcm", content, "application/dicom"))])
+        assert "not a DICOM" in error_of(response, 415, "unsupported_content")
+    assert parsed == []  # no parser was run on them
+
+
+def test_one_client_address_holds_at_most_its_limit(serve, monkeypatch):
+    from tlese.serve.uploads import ServiceError
+
+    _, service = serve(Limits(max_per_client=2))
+    service.enter("10.0.0.1")
+    service.enter("10.0.0.1")
+    with pytest.raises(ServiceError) as refused:
+        service.enter("10.0.0.1")
+    assert refused.value.status == 429
+    service.enter("10.0.0.2")  # another address is not held back
+    for client in ("10.0.0.1", "10.0.0.1", "10.0.0.2"):
+        service.leave(client)
+    service.enter("10.0.0.1")
+    service.leave("10.0.0.1")
+
+
+def test_a_full_disk_is_the_servers_fault(serve, cbis_dicoms, monkeypatch):
+    from tlese.serve import uploads
+
+    client, service = serve()
+
+    class FullDisk(io.RawIOBase):
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(uploads, "open", FullDisk, raising=False)
+    response = post(client, exam(cbis_dicoms, "P_00173"))
+    assert "disk is full" in error_of(response, 507, "insufficient_storage")
+    monkeypatch.undo()
+    assert client.get("/healthz").json()["status"] == "ok" and service.drain(30)
+
+
+def test_the_request_area_is_emptied_at_start_and_exit(bundle, tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "system"))
+    (tmp_path / "system").mkdir()
+    state = tmp_path / "state"
+    left = state / "requests" / "tlese-serve-killed"
+    left.mkdir(parents=True)
+    (left / "000.dcm").write_bytes(b"an upload of a service killed mid-request")
+    (state / "requests" / "keep.txt").write_text("not ours")
+    app = create_app(bundle, audit_log=state / "audit.jsonl", salt=SALT)  # the default area: beside the audit log
+    assert not left.exists() and (state / "requests" / "keep.txt").is_file()
+    assert app.state.service.tmp_dir == state / "requests"
+    with TestClient(app):
+        (state / "requests" / "tlese-serve-late").mkdir()
+    assert not (state / "requests" / "tlese-serve-late").exists()  # emptied on exit (lifespan end)
+
+
+def test_one_log_line_per_request(serve, cbis_dicoms, caplog):
+    client, _ = serve()
+    caplog.set_level(logging.INFO, logger="tlese.serve")
+    response = post(client, exam(cbis_dicoms, "P_00173"))
+    bad = post(client, [("files", ("x.dcm", b"not an image"))])
+    lines = [record.getMessage() for record in caplog.records if record.name == "tlese.serve"]
+    ok_id, bad_id = response.headers["x-request-id"], bad.headers["x-request-id"]
+    assert any(line.startswith(f"request {ok_id} api: status 200, verdicts ok=2 degraded=0 refused=0, ")
+               and line.endswith(" s") for line in lines), lines
+    assert any(line.startswith(f"request {bad_id} api: status 415") for line in lines), lines
+
+
+def test_two_patients_sharing_a_study_are_refused_not_merged(serve, cbis_dicoms, tmp_path):
+    import pydicom
+
+    client, _ = serve()
+    study = pydicom.uid.generate_uid()
+    cc = next(p for p in cbis_dicoms if cbis_truth(p) == ("P_00173", "L", "CC"))
+    mlo = next(p for p in cbis_dicoms if cbis_truth(p) == ("P_00820", "L", "MLO"))
+    a = dicom_copy(cc, tmp_path / "a.dcm", new_study=False, StudyInstanceUID=study, PatientID="PAT-A")
+    b = dicom_copy(mlo, tmp_path / "b.dcm", new_study=False, StudyInstanceUID=study, PatientID="PAT-B")
+    files = [("files", (f"img_{i}.dcm", path.read_bytes(), "application/dicom")) for i, path in enumerate((a, b))]
+    body = post(client, files, sr="true").json()
+    assert body["summary"]["breasts"] == 2 and body["summary"]["refused"] == 2
+    for breast in body["breasts"].values():
+        assert breast["verdict"] == "refused" and breast["probabilities"] is None
+        assert any(reason.startswith("identity conflict") and "StudyInstanceUID" in reason
+                   for reason in breast["reasons"])
+    assert body["sr"] == [] and "PAT-" not in json.dumps(body)
+    page = client.post("/predict", files=files)
+    assert page.text.count('class="breast-card') == 2 and "identity conflict" in page.text
+
+
+def test_the_page_says_synthetic_and_out_of_distribution(bundle, cbis_dicoms, tmp_path, monkeypatch):
+    import copy
+    from types import SimpleNamespace
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    synthetic = copy.copy(bundle)
+    synthetic.card = {"intended_use": "test only", "training_data": {"synthetic": True,
+                                                                      "validated_on": "synthetic images only"}}
+    synthetic.ood = SimpleNamespace(threshold=2.0)
+    original = bundle.predict_arrays
+    synthetic.predict_arrays = lambda x: {**original(x), "ood_score": np.full(len(x), 7.5),
+                                          "ood_flag": np.ones(len(x), bool)}
+    app = create_app(synthetic, audit_log=tmp_path / "state" / "audit.jsonl", salt=SALT)
+    with TestClient(app) as client:
+        index = client.get("/").text
+        assert 'id="synthetic-warning"' in index and "synthetic images only" in index
+        page = client.post("/predict", files=exam(cbis_dicoms, "P_00173")).text
+        assert 'id="synthetic-warning"' in page and page.count('class="ood-warning"') == 2
+        assert "out-of-distribution score 7.5 above threshold 2" in page
+        body = post(client, exam(cbis_dicoms, "P_00173")).json()
+        assert body["bundle"]["synthetic"] is True
+        assert all(b["verdict"] == "degraded" and b["ood_flag"] for b in body["breasts"].values())

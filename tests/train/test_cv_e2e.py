@@ -1,6 +1,6 @@
 """A tiny end-to-end run of the method on generated data: stage 1 (CXR), k-fold stage 2, merge, report.
 
-Tiny images and one or two epochs: these tests prove the plumbing (checkpoints, predictions for every test image,
+Tiny images and one epoch: these tests prove the plumbing (checkpoints, predictions for every test image,
 no patient leakage, determinism, degenerate folds, DDP), not the accuracy.
 """
 
@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 from tlese.data.splits import load_folds
-from tlese.data.synth import synthesize
 from tlese.train.config import load_experiment
 from tlese.train.cv import run_cv
 from tlese.train.merge import merge_run
@@ -25,13 +24,14 @@ from tlese.train.rundir import PREDICTIONS_BREASTS, PREDICTIONS_IMAGES
 
 pytestmark = pytest.mark.slow
 
-RECIPE = {"epochs": 2, "batch_size": 8, "lr": 0.002, "warmup_epochs": 0.5, "progress_bar": False,
+RECIPE = {"epochs": 1, "batch_size": 8, "lr": 0.002, "warmup_epochs": 0.5, "progress_bar": False,
           "accelerator": "cpu", "val_fraction": 0.25}
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> dict:
-    return synthesize(tmp_path_factory.mktemp("synth"), n_patients=18, image_size=64, cxr_per_class=8, seed=0)
+def synth(tiny_synth) -> dict:
+    """The session's shared synthetic data (tests/conftest.py: 15 patients, 64 px, 6 chest X-rays per class)."""
+    return tiny_synth
 
 
 def write_config(path: Path, synth: dict, out: Path, **changes) -> Path:
@@ -40,7 +40,7 @@ def write_config(path: Path, synth: dict, out: Path, **changes) -> Path:
         "image_size": 32, "views": "dual", "folds": 3, "bootstrap": 50, "prepare_workers": 1,
         "target": {"adapter": "cmmd", "root": str(synth["mammo_root"]), "task": "synth_subtype4"},
         "cxr": {"adapter": "darkcovidnet", "root": str(synth["cxr_root"]), "task": "synth_cxr3"},
-        "cxr_recipe": dict(RECIPE, epochs=1), "target_recipe": dict(RECIPE),
+        "cxr_recipe": dict(RECIPE), "target_recipe": dict(RECIPE),
         "arms": [{"name": "tlese_double", "model": "tlese_lite0", "transfer": "double"},
                  {"name": "plain_scratch", "model": "lite0_plain", "transfer": "scratch"}],
     }
@@ -89,6 +89,22 @@ def test_cxr_backbone_reaches_the_mammography_model(full_run):
     assert {"git_commit", "git_dirty", "torch", "torch_threads"} <= set(info["run_by"])
 
 
+
+def test_stage1_checkpoints_carry_the_chest_xray_model_spec(full_run):
+    import torch
+
+    from tlese.data.tasks import get_task
+    from tlese.models.spec import CHECKPOINT_KEY, ModelSpec
+
+    stage1 = full_run / "tlese_double" / "stage1_cxr"
+    saved = torch.load(stage1 / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    spec = ModelSpec.from_dict(saved[CHECKPOINT_KEY])
+    assert spec.registry_name == "tlese_lite0" and spec.views == "single"
+    assert spec.class_names == list(get_task("synth_cxr3").classes) and spec.create_kwargs["num_classes"] == 3
+    assert (spec.preprocess["modality"], spec.image_size) == ("cxr", 32)
+    assert json.loads((stage1 / "stage_summary.json").read_text())["model_spec"] == saved[CHECKPOINT_KEY]
+
+
 def test_merge_writes_report_and_comparison(full_run):
     paths = merge_run(full_run)
     html = paths["html"].read_text()
@@ -96,7 +112,12 @@ def test_merge_writes_report_and_comparison(full_run):
     comparison = pd.read_csv(full_run / "comparison.csv")
     assert list(comparison["arm"]) == ["tlese_double", "plain_scratch"]
     assert list(comparison["ImageNet weights"]) == ["loaded", "not used"]  # what the folds really started from
-    assert (full_run / "paired_tests.csv").is_file() and (full_run / "tlese_double" / "report.md").is_file()
+    assert (full_run / "tlese_double" / "report.md").is_file()
+    paired = pd.read_csv(full_run / "paired_tests.csv")
+    assert set(paired["reference"]) == {"tlese_double"}  # by default, the config's first arm
+    bootstrap = paired[paired["test"] == "paired patient bootstrap"]
+    assert (bootstrap["p_holm_pairs"] == bootstrap["p_value"]).all()  # one pair: nothing to adjust
+    assert paired.loc[paired["test"] != "paired patient bootstrap", "p_holm_pairs"].isna().all()
 
 
 def test_merge_tests_against_a_chosen_reference(full_run):
@@ -105,12 +126,6 @@ def test_merge_tests_against_a_chosen_reference(full_run):
     assert set(paired["reference"]) == {"plain_scratch"} and set(paired["model"]) == {"tlese_double"}
     with pytest.raises(ValueError, match="reference arm\\(s\\) \\['nope'\\] have no predictions"):
         merge_run(full_run, references=["nope"])
-    merge_run(full_run)  # back to the default reference (the first arm)
-    paired = pd.read_csv(full_run / "paired_tests.csv")
-    assert set(paired["reference"]) == {"tlese_double"}
-    bootstrap = paired[paired["test"] == "paired patient bootstrap"]
-    assert (bootstrap["p_holm_pairs"] == bootstrap["p_value"]).all()  # one pair: nothing to adjust
-    assert paired.loc[paired["test"] != "paired patient bootstrap", "p_holm_pairs"].isna().all()
 
 
 def test_gradcam_overlays_explain_only_held_out_cases(full_run):

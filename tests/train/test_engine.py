@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -203,3 +206,49 @@ def test_logs_without_a_terminal_get_one_complete_line_per_epoch(tmp_path, caplo
     lines = [record.getMessage() for record in caplog.records if "stage epoch " in record.getMessage()]
     assert len(lines) == 2 and "stage epoch 1/2: " in lines[0]
     assert all("train_loss" in line and "val_loss" in line and "val_acc" in line for line in lines), lines
+
+
+class FullDiskFrom(pl.Callback):
+    """From epoch `epoch` on, every fsync fails as on a full disk (checkpoints are written, then synced)."""
+
+    def __init__(self, epoch: int, monkeypatch):
+        self.epoch, self.monkeypatch = epoch, monkeypatch
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == self.epoch:
+            def fsync(descriptor):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            self.monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_full_disk_keeps_the_last_whole_checkpoint_and_names_the_file(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    with pytest.raises(OSError) as caught:
+        engine.fit(tiny_model(), Blobs(32, 0), Blobs(8, 1), recipe(epochs=3), tmp_path, num_classes=2, seed=0,
+                   extra_callbacks=[FullDiskFrom(1, monkeypatch)])
+    message = str(caught.value)
+    assert caught.value.errno == errno.ENOSPC and "\n" not in message
+    assert caught.value.filename.startswith(str(tmp_path / "checkpoints")) and caught.value.filename.endswith(".ckpt")
+    assert "No space left on device" in message
+    monkeypatch.undo()
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]  # no partial file
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 0
+    assert not (tmp_path / DONE).exists()
+    # With space again, the same call resumes from the whole checkpoint and finishes.
+    result = engine.fit(tiny_model(), Blobs(32, 0), Blobs(8, 1), recipe(epochs=3), tmp_path, num_classes=2, seed=0)
+    assert result.resumed_from == checkpoints / "last.ckpt" and list(result.history["epoch"]) == [0, 1, 2]
+
+
+def test_checkpoints_carry_the_model_spec(tmp_path):
+    from tlese.models.spec import CHECKPOINT_KEY, ModelSpec
+
+    spec = ModelSpec("tiny", {"num_classes": 2}, ["a", "b"], {"size": 8})
+    result = engine.fit(tiny_model(), Blobs(16, 0), Blobs(8, 1), recipe(epochs=1), tmp_path, num_classes=2, seed=0,
+                        spec=spec)
+    for checkpoint in (result.best_checkpoint, result.last_checkpoint):
+        assert torch.load(checkpoint, map_location="cpu", weights_only=True)[CHECKPOINT_KEY] == spec.to_dict()
+    engine.load_trained_weights(tiny_model(), result.best_checkpoint, spec)
+    with pytest.raises(ValueError, match="holds another model"):
+        engine.load_trained_weights(tiny_model(), result.best_checkpoint, ModelSpec("tiny", {}, ["a", "c"]))

@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from tlese.data.splits import load_folds
-from tlese.data.synth import synthesize
 from tlese.train.config import ConfigError, load_experiment
 from tlese.train.cv import run_cv
 from tlese.train.rundir import RunDir, repeat_seed
@@ -25,8 +24,9 @@ CXR_ARM = {"name": "plain_cxr", "model": "lite0_plain", "transfer": "cxr"}
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> dict:
-    return synthesize(tmp_path_factory.mktemp("synth"), n_patients=15, image_size=64, cxr_per_class=6, seed=2)
+def synth(tiny_synth) -> dict:
+    """The session's shared synthetic data (tests/conftest.py)."""
+    return tiny_synth
 
 
 def config_file(folder: Path, synth: dict, name: str = "rep", **changes) -> Path:

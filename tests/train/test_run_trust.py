@@ -3,8 +3,10 @@ kill -9 and Ctrl-C, predictions that disagree with the fold file, chest X-ray co
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +17,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from tlese.data.synth import synthesize
 from tlese.files import sha256_file
 from tlese.train.config import load_experiment
 from tlese.train.cv import run_cv
@@ -32,8 +33,15 @@ CXR_ARM = {"name": "plain_cxr", "model": "lite0_plain", "transfer": "cxr"}
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> dict:
-    return synthesize(tmp_path_factory.mktemp("synth"), n_patients=15, image_size=64, cxr_per_class=6, seed=1)
+def synth(tiny_synth) -> dict:
+    """The session's shared synthetic data (tests/conftest.py: 15 patients, 64 px, 6 chest X-rays per class)."""
+    return tiny_synth
+
+
+@pytest.fixture
+def finished_run(tiny_run, tmp_path) -> Path:
+    """A copy of the session's tiny run (all 3 folds of plain_scratch on `synth`), free to tamper with."""
+    return Path(shutil.copytree(tiny_run, tmp_path / "run"))
 
 
 def config_file(folder: Path, synth: dict, name: str = "trust", **changes) -> Path:
@@ -202,8 +210,8 @@ def test_ctrl_c_and_kill_9_then_rerun_give_byte_identical_outputs(synth, tmp_pat
             predictions_of(straight, "plain_scratch", 0, kind)
 
 
-def test_merge_checks_predictions_against_the_fold_file(synth, tmp_path):
-    run_dir = run_cv(load_experiment(config_file(tmp_path, synth)))
+def test_merge_checks_predictions_against_the_fold_file(finished_run):
+    run_dir = finished_run
     merge_run(run_dir)
     breasts = run_dir / "plain_scratch" / "fold_1" / "predictions_breasts.csv"
     original = breasts.read_text()
@@ -221,8 +229,8 @@ def test_merge_checks_predictions_against_the_fold_file(synth, tmp_path):
         merge_run(run_dir)
 
 
-def test_outputs_carry_no_absolute_source_paths(synth, tmp_path):
-    run_dir = run_cv(load_experiment(config_file(tmp_path, synth)), fold=0)
+def test_outputs_carry_no_absolute_source_paths(synth, finished_run):
+    run_dir = finished_run
     merge_run(run_dir)
     images = pd.read_csv(run_dir / "plain_scratch" / "fold_0" / "predictions_images.csv")
     assert "path" not in images and images["image_id"].str.startswith("CMMD/").all()
@@ -243,8 +251,33 @@ def test_compare_on_chest_xrays_of_the_shared_data(cxr_dir, tmp_path):
     }
     path = tmp_path / "cxr.yaml"
     path.write_text(yaml.safe_dump(config))
-    code, output = finish(tlese("compare", "--config", str(path)), timeout=900)
-    assert code == 0, output[-3000:]
+    from tlese.cli import main
+
+    assert main(["compare", "--config", str(path)]) == 0  # in this process: no second start of torch
     paired = pd.read_csv(tmp_path / "runs" / "cxr" / "paired_tests.csv")
     bootstrap = paired[paired["test"] == "paired patient bootstrap"]
     assert len(bootstrap) and (bootstrap["n_units"] > 800).all()  # every image matched, none dropped
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_ends_in_one_line_and_leaves_no_half_file(synth, tmp_path,
+                                                                                           monkeypatch, capsys):
+    from tlese.cli import main
+
+    real_fsync = os.fsync
+
+    def fsync(descriptor):  # the disk fills up when the first checkpoint reaches it
+        written = Path(os.readlink(f"/proc/self/fd/{descriptor}")).name  # the atomic writer's .<name>.<random>.tmp
+        if ".ckpt." in written and written.endswith(".tmp"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    config = config_file(tmp_path, synth, name="full")
+    assert main(["cv", "--config", str(config), "--fold", "0", "--set", "target_recipe.progress_bar=false"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("tlese cv: error: ") and ".ckpt" in error and "Traceback" not in error
+    fold_dir = RunDir(tmp_path / "runs" / "full").arm("plain_scratch").fold(0)
+    assert not fold_dir.record_file.exists() and not list(fold_dir.path.rglob("*.ckpt*"))
+    monkeypatch.undo()  # space again: the same command finishes the fold
+    assert main(["cv", "--config", str(config), "--fold", "0", "--set", "target_recipe.progress_bar=false"]) == 0
+    assert fold_dir.model_spec().image_size == 32

@@ -308,6 +308,8 @@ def _run_and_record(todo: dict[str, Job], params: PreprocessParams, workers: int
             if ok:
                 rows[key] = _manifest_row(job, info)
                 journal(rows[key])
+            elif isinstance(info, CacheWriteFailure):
+                raise OSError(info.errno, info.strerror, info.path)  # everything journaled so far is kept
             else:
                 failures[key] = info
 
@@ -441,13 +443,20 @@ def _check_identity(table, usable, sources, row_keys, rows, show, summary) -> tu
 # Workers
 
 
+class CacheWriteFailure(NamedTuple):
+    """A worker could not write a prepared PNG: a fault of the cache's disk that stops the run (never a skip)."""
+
+    errno: int | None
+    strerror: str
+    path: str
+
+
 def _prepare_one(job: tuple, params_dict: dict) -> tuple[bool, dict | str]:
     """Runs in a worker: `prepare_file`, then write the PNG. Returns (True, info for the manifest) or (False,
     reason)."""
     source, side, view, out_path = job
     try:
         image, found = prepare_file(source, side, view, PreprocessParams.from_dict(params_dict))
-        png_size, png_sha256 = write_png16(image, out_path)
         sha256 = sha256_file(source)
     except (ImageReadError, UnusableImageError) as error:
         return False, error.reason
@@ -455,6 +464,12 @@ def _prepare_one(job: tuple, params_dict: dict) -> tuple[bool, dict | str]:
         return False, "out of memory while preparing"
     except Exception as error:  # one bad file must never stop the run; report it instead
         return False, f"{type(error).__name__}: {error}"
+    try:
+        png_size, png_sha256 = write_png16(image, out_path)
+    except OSError as error:  # the cache's disk (full, read-only, not ours), not this image: the run stops
+        return False, CacheWriteFailure(error.errno, error.strerror or str(error), str(out_path))
+    except Exception as error:
+        return False, f"{type(error).__name__} while writing the prepared PNG: {error}"
     header = found["header"]
     return True, {"view_in_file": header.view or "", "side_in_file": header.side or "",
                   "facing": found["facing"] or "", "flipped": int(found["flipped"]), "sha256": sha256,
@@ -669,17 +684,19 @@ class _Manifest:
             yield append
 
     def compact(self, own: dict[str, dict]) -> None:
-        """Write manifest.csv from disk (another run may have added rows) plus `own`, then drop the journal."""
+        """Write manifest.csv from disk (another run may have added rows) plus `own`, then drop the journal.
+
+        Atomic (temporary file, fsync, rename): a full disk or a kill leaves the old manifest and the journal as
+        they were, so nothing finished is lost and the next run compacts again."""
         rows = self._load()
         rows.update({row["prepared"]: {key: str(value) for key, value in row.items()} for row in own.values()})
         rows = {name: row for name, row in rows.items() if (self.out_dir / name).is_file()}
-        temporary = self.out_dir / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
-        with temporary.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            for name in sorted(rows, key=lambda name: (rows[name].get("source", ""), name)):
-                writer.writerow(rows[name])
-        os.replace(temporary, self.out_dir / MANIFEST_NAME)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for name in sorted(rows, key=lambda name: (rows[name].get("source", ""), name)):
+            writer.writerow(rows[name])
+        write_bytes_atomic(self.out_dir / MANIFEST_NAME, text.getvalue().encode())
         (self.out_dir / JOURNAL_NAME).unlink(missing_ok=True)
         self.rows = rows
 
@@ -760,4 +777,4 @@ def _write_params(out_dir: Path, params: PreprocessParams) -> None:
     path = out_dir / PARAMS_NAME
     if not path.is_file():
         payload = {"preprocess_version": PREPROCESS_VERSION, "params": params.to_dict()}
-        path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())

@@ -19,9 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
-    from tlese.data.preprocess import PREPROCESS_OVERRIDES, PreprocessParams
+    from tlese.data.preprocess import DEFAULT_IMAGE_SIZE, PREPROCESS_OVERRIDES, PreprocessParams
 
-    defaults = PreprocessParams.build(512).to_dict()
+    defaults = PreprocessParams.build(DEFAULT_IMAGE_SIZE).to_dict()
     keys = "; ".join(f"{key} (default {defaults[key]}): {meaning}" for key, meaning in PREPROCESS_OVERRIDES.items())
     parser = subparsers.add_parser(
         "prepare",
@@ -32,7 +32,8 @@ def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", required=True, help="dataset adapter name (see tlese.data.datasets)")
     parser.add_argument("--root", required=True, help="dataset root folder")
     parser.add_argument("--out", required=True, help="cache folder (a sub-folder per parameter set is created)")
-    parser.add_argument("--size", type=int, default=512, help="output side in pixels (default 512)")
+    parser.add_argument("--size", type=int, default=DEFAULT_IMAGE_SIZE,
+                        help=f"output side in pixels (default {DEFAULT_IMAGE_SIZE})")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--modality", choices=MODALITIES, default=None,
                         help="preprocessing path (default: the dataset's own `modality` column, else mammo)")
@@ -42,16 +43,15 @@ def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
                         help="fail when more than this fraction of the images is skipped "
                         "(default 0.1; 1 accepts any number of skips)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run_prepare)
+    parser.set_defaults(func=cmd_prepare)
 
 
-def run_prepare(args: argparse.Namespace) -> int:
+def cmd_prepare(args: argparse.Namespace) -> int:
     """Load the dataset table, prepare it into the cache, print the summary with every skip (paths relative to
     the root). Exit code 0; too many skips or one image under two patients fail (PrepareError /
     DataIntegrityError, exit code 2)."""
     from tlese.data.cache import DEFAULT_MAX_SKIPPED_FRACTION, PrepareError, prepare_table
-    from tlese.data.datasets import get_adapter
-    from tlese.data.datasets._common import format_skipped
+    from tlese.data.datasets import format_skipped, get_adapter
     from tlese.data.preprocess import PreprocessParams
 
     overrides = dict(args.param)
@@ -100,10 +100,10 @@ def _register_synth(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cxr-per-class", type=int, default=30, help="chest X-rays per class (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing cmmd/ and cxr/ sub-folders")
-    parser.set_defaults(func=run_synth)
+    parser.set_defaults(func=cmd_synth)
 
 
-def run_synth(args: argparse.Namespace) -> int:
+def cmd_synth(args: argparse.Namespace) -> int:
     """Write the synthetic sets and print where they are and how to load them."""
     from tlese.data.synth import synthesize
 
@@ -128,20 +128,23 @@ def _register_folds(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--dataset", required=True, help="dataset adapter name (see tlese.data.datasets)")
     parser.add_argument("--root", required=True, help="dataset root folder (or manifest CSV)")
-    parser.add_argument("--task", required=True, help="task name (see tlese.data.tasks)")
+    parser.add_argument("--task", required=True,
+                        help="a registered task name (see tlese.data.tasks), a YAML file holding a task mapping, or "
+                        "the mapping inline, e.g. '{name: her2, label_column: subtype, classes: [other, HER2], "
+                        "grouping: {HER2-enriched: HER2, Luminal A: other}}'")
     parser.add_argument("--out", required=True, help="fold file to write, e.g. folds/cmmd_seed0.csv")
     parser.add_argument("--k", type=int, default=5, help="number of folds (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.set_defaults(func=run_folds)
+    parser.set_defaults(func=cmd_folds)
 
 
-def run_folds(args: argparse.Namespace) -> int:
+def cmd_folds(args: argparse.Namespace) -> int:
     """Encode the dataset for the task, make and save the folds, print the encode report and the fold summary."""
     from tlese.data.datasets import get_adapter
     from tlese.data.splits import fold_summary, make_folds, save_folds
-    from tlese.data.tasks import get_task
+    from tlese.data.tasks import resolve_task
 
-    task = get_task(args.task)
+    task = resolve_task(args.task)
     table, report = task.encode(get_adapter(args.dataset)(args.root))
     print(report.summary())
     folds = make_folds(table, k=args.k, seed=args.seed)

@@ -52,6 +52,11 @@ from tlese.vocab import COMMON_SIDE, MODALITIES, Side
 
 # Bump when the output of preprocess_image changes for the same parameters: it invalidates every cache.
 PREPROCESS_VERSION = 1
+# The one default model input side, in pixels (the experiment config's `image_size` and `PreprocessParams.size` take
+# it from here). 512, as the real-data config (configs/cmmd_subtype.yaml) and `tlese prepare` already used: a cropped
+# full-field mammogram (~4600 px tall at ~0.1 mm) shrinks ~9x, so a 5-10 mm calcification cluster stays ~6-12 px
+# wide (3-6 px at 256). Small inputs (the demo's 96 px) stay a per-experiment choice, recorded in each model spec.
+DEFAULT_IMAGE_SIZE = 512
 MASK_MAX_SIDE = 512
 # Refusal limits: below MIN_IMAGE_SIDE pixels the 5 x 5 mask opening leaves nothing to find; a breast mask under
 # MIN_BREAST_FRACTION of the image is noise or a label, not a breast (mini-MIAS breasts cover 15 % or more).
@@ -97,7 +102,7 @@ class PreprocessParams:
     learn from them).
     """
 
-    size: int = 512
+    size: int = DEFAULT_IMAGE_SIZE
     crop: bool = True
     orient: bool = True
     keep_aspect: bool = True

@@ -13,6 +13,8 @@
 
 A task is registered here by name, or defined where it is used: an experiment's `target.task` / `cxr.task` may be
 a registered name or a mapping of `Task` fields, and `get_task` accepts either, so a new task needs no Python.
+On the command line (`tlese folds --task`, `tlese evaluate --task`), `resolve_task` also takes a YAML file holding
+that mapping, or the mapping itself inline: `--task '{name: her2, label_column: subtype, classes: [other, HER2]}'`.
 """
 
 from __future__ import annotations
@@ -289,6 +291,54 @@ def get_task(task: str | Mapping[str, Any] | Task) -> Task:
         return _TASKS[task]
     except KeyError:
         raise ValueError(f"unknown task {task!r}; valid: {', '.join(list_tasks())}") from None
+
+
+def resolve_task(value: str | Mapping[str, Any] | Task) -> Task:
+    """A task from a registered name, a path to a YAML (or JSON) file holding a mapping of task fields, or such a
+    mapping written inline (YAML flow style or JSON). Mappings and `Task`s are accepted as `get_task` accepts them.
+
+    Every failure is a ValueError (FileNotFoundError for a missing file) naming the name, file or text and the
+    problem, YAML syntax errors with their line and column.
+    """
+    if not isinstance(value, str):
+        return get_task(value)
+    text = value.strip()
+    if text in _TASKS:
+        return _TASKS[text]
+    looks_inline = text.startswith("{") or "\n" in text or (":" in text and not _looks_like_path(text))
+    if looks_inline:
+        return Task.from_dict(_load_yaml(text, "inline task"), where="inline task")
+    if _looks_like_path(text):
+        from pathlib import Path
+
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: task file not found (a task is a registered name, a YAML file or an "
+                                    f"inline mapping; registered: {', '.join(list_tasks())})")
+        try:
+            content = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: cannot read the task file ({error})") from None
+        return Task.from_dict(_load_yaml(content, str(path)), where=str(path))
+    raise ValueError(f"unknown task {text!r}; valid: {', '.join(list_tasks())} (or a YAML file path, or an inline "
+                     "mapping such as '{name: t, label_column: subtype, classes: [a, b]}')")
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or "\\" in text or text.lower().endswith((".yaml", ".yml", ".json"))
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """Parse YAML (JSON included); a syntax error becomes ValueError with `where`, line and column."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        place = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{where}: YAML syntax error{place}: {problem}") from None
 
 
 def list_tasks() -> list[str]:

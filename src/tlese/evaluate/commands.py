@@ -5,14 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pandas as pd
-import yaml
-
-from tlese.evaluate.metrics import HEADLINE_METRICS, METRICS, class_names_from_columns
-from tlese.evaluate.report import write_report
-from tlese.evaluate.tables import per_fold_table, summary_table
-from tlese.provenance import environment_info
-
 
 def register(subparsers) -> None:
     """Add the ``report`` command."""
@@ -35,8 +27,17 @@ def register(subparsers) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Read the CSV, compute the tables, write the report and print where it is."""
+    import pandas as pd
+    import yaml
+
+    from tlese.evaluate.metrics import HEADLINE_METRICS, METRICS, class_names_from_columns
+    from tlese.evaluate.report import write_report
+    from tlese.evaluate.tables import per_fold_table, summary_table
+    from tlese.provenance import environment_info
+
     if not args.predictions.is_file():
-        raise FileNotFoundError(f"predictions CSV not found: {args.predictions}")
+        raise FileNotFoundError(f"{args.predictions}: predictions CSV not found (give the predictions CSV written by "
+                                "merge, evaluate or predict)")
     predictions = pd.read_csv(args.predictions)
     class_names = [name.strip() for name in args.classes.split(",")] if args.classes else \
         class_names_from_columns(predictions)

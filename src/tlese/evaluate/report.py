@@ -278,6 +278,22 @@ def _html_table(table: pd.DataFrame) -> str:
     return table.to_html(index=False, border=0, classes="table", na_rep="NaN", float_format=lambda v: f"{v:.4g}")
 
 
+# What an empty cell of these columns means, in words (a CSV read back turns their "" into NaN).
+EMPTY_CELL_WORDS = {"missing_classes": "none"}
+
+
+def _displayed(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as the report shows it: text columns without NaN (an empty text cell is empty, or the word of
+    `EMPTY_CELL_WORDS`); numbers as they are (an undefined metric stays NaN)."""
+    shown = table.copy()
+    for column in shown.columns:
+        if column in EMPTY_CELL_WORDS or shown[column].dtype == object:
+            text = shown[column].astype(object).where(shown[column].notna(), "")
+            word = EMPTY_CELL_WORDS.get(str(column))
+            shown[column] = text.map(lambda value, word=word: word if word and value == "" else value)
+    return shown
+
+
 def _plain(value):
     """Config values as YAML-safe builtins (paths, numpy scalars, tuples, dataclass-like objects -> str/list)."""
     if isinstance(value, dict):
@@ -296,9 +312,11 @@ def _key_value_table(mapping: dict) -> pd.DataFrame:
 
 
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-table.table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-table.table th, table.table td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+h1, h2, p, ul, pre { max-width: 1100px; }
+table.table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; max-width: 100%; }
+table.table th, table.table td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right;
+  overflow-wrap: anywhere; }
 table.table th { background: #f2f2f2; }
 pre { background: #f6f6f6; padding: 1em; overflow-x: auto; }
 img { max-width: 100%; }
@@ -399,7 +417,7 @@ def _markdown(title, overview, tables, plots, notes, config_yaml, environment, r
             table, explanation = _display_summary(table) if heading == "Metrics" else (table, None)
             parts += [f"## {heading}", ""]
             parts += [explanation, ""] if explanation else []
-            parts += [markdown_table(table), ""]
+            parts += [markdown_table(_displayed(table)), ""]
     for heading, path in plots.items():
         parts += [f"## {heading}", "", f"![{heading}]({path.relative_to(run_dir).as_posix()})", ""]
     if notes:
@@ -417,7 +435,7 @@ def _html(title, overview, tables, plots, notes, config_yaml, environment) -> st
             table, explanation = _display_summary(table) if heading == "Metrics" else (table, None)
             body += [f"<h2>{escape(heading)}</h2>"]
             body += [f"<p>{escape(explanation)}</p>"] if explanation else []
-            body += [f'<div style="overflow-x: auto">{_html_table(table)}</div>']
+            body += [_html_table(_displayed(table))]  # whole, wrapping in its cells: never clipped
     for heading, path in plots.items():
         encoded = base64.b64encode(path.read_bytes()).decode("ascii")
         body += [f"<h2>{escape(heading)}</h2>",

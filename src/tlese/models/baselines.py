@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 from torchvision import models as tvm
 
-from tlese.models.registry import register_model
+from tlese.models.registration import register_model
 from tlese.models.weights import TorchvisionWeights, densenet_legacy_key
 
 

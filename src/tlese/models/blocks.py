@@ -9,16 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# ESE placements: one vocabulary for blocks and backbones (name -> where the gate sits). A block takes "none",
-# "expanded" or "output"; a backbone also takes "stage", which `block_placement` resolves block by block.
-ESE_PLACEMENTS: dict[str, str] = {
-    "none": "no ESE",
-    "expanded": "every block, on the expanded channels after the depthwise conv (as SE in MobileNetV3/EfficientNet)",
-    "output": "every block, on its output before the residual add (as VoVNetV2 places ESE)",
-    "stage": '"output", but only in the last block of each stage (where the resolution/width changes next)',
-}
+# Where a block puts its ESE gate: nowhere, on the expanded channels after the depthwise conv (as SE in
+# MobileNetV3/EfficientNet), or on its output before the residual add (as VoVNetV2). Which blocks of a backbone are
+# gated is data on its architecture table (`tlese_resnet.Stage.ese`), not a list of names here.
 BLOCK_PLACEMENTS = ("none", "expanded", "output")
-DEFAULT_ESE = "stage"
 
 # Initial gate: ESE starts as a near-identity so ImageNet features are barely disturbed (measurements in
 # docs/models.md), yet with its pre-activation (6 * 0.95 - 3 = 2.7) clear of the hard-sigmoid's saturation point
@@ -26,17 +20,10 @@ DEFAULT_ESE = "stage"
 DEFAULT_GATE_INIT = 0.95
 
 
-def check_placement(placement: str, valid: tuple[str, ...] | dict = ESE_PLACEMENTS) -> str:
-    """`placement` if it is one of `valid`, else ValueError listing them."""
-    if placement not in valid:
-        raise ValueError(f"unknown ESE placement {placement!r}; valid: {', '.join(valid)}")
-    return placement
-
-
-def block_placement(placement: str, last_in_stage: bool) -> str:
-    """Where one block's gate sits ("none", "expanded" or "output") under a backbone `placement`."""
-    if check_placement(placement) == "stage":
-        return "output" if last_in_stage else "none"
+def check_placement(placement: str) -> str:
+    """`placement` if it is one of `BLOCK_PLACEMENTS`, else ValueError listing them."""
+    if placement not in BLOCK_PLACEMENTS:
+        raise ValueError(f"unknown ESE placement {placement!r}; valid: {', '.join(BLOCK_PLACEMENTS)}")
     return placement
 
 
@@ -147,7 +134,7 @@ class InvertedResidual(nn.Module):
         padding: str = "symmetric",
     ) -> None:
         super().__init__()
-        check_placement(ese, BLOCK_PLACEMENTS)
+        check_placement(ese)
         hidden = in_chs * expand_ratio
         conv = dict(act_layer=act_layer, bn_eps=bn_eps, padding=padding)
         self.use_residual = stride == 1 and in_chs == out_chs

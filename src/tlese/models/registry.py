@@ -1,54 +1,30 @@
-"""Model registry: `@register_model` backbone builders, `create_model` wraps them to the package contract."""
+"""Model registry: `@register_model` backbone builders (table in `registration`), `create_model` wraps them to the
+package contract."""
 
 from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
+from tlese.models import baselines, tlese_resnet  # noqa: F401  (the built-in models register on import)
 from tlese.models.classifier import ImageClassifier, channel_stats
 from tlese.models.dual_view import DualViewClassifier
-from tlese.models.weights import WeightSource, load_pretrained
+from tlese.models.registration import REGISTRY, ModelEntry, register_model
+from tlese.models.weights import load_pretrained
 
-
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    # (in_chans, **kw) -> backbone with num_features, gradcam_layer, first_conv
-    build_backbone: Callable[..., nn.Module]
-    source: WeightSource  # ImageNet weights for pretrained=True; also fixes the input normalisation
-    description: str
-
-
-_REGISTRY: dict[str, ModelEntry] = {}
-
-
-def register_model(source: WeightSource, description: str = "") -> Callable:
-    """Register a backbone builder under its function name."""
-
-    def decorator(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if build.__name__ in _REGISTRY:
-            raise ValueError(f"model {build.__name__!r} is registered twice")
-        doc = description or (build.__doc__ or "").strip().splitlines()[0]
-        _REGISTRY[build.__name__] = ModelEntry(build.__name__, build, source, doc)
-        return build
-
-    return decorator
+__all__ = ["ModelEntry", "create_model", "get_entry", "list_models", "register_model"]
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style pattern, sorted."""
-    return sorted(name for name in _REGISTRY if fnmatch.fnmatch(name, pattern))
+    return sorted(name for name in REGISTRY if fnmatch.fnmatch(name, pattern))
 
 
 def get_entry(name: str) -> ModelEntry:
-    if name not in _REGISTRY:
+    if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(list_models())}")
-    return _REGISTRY[name]
+    return REGISTRY[name]
 
 
 VIEW_MODES = ("single", "dual")

@@ -1,42 +1,50 @@
 """TLese-ResNet: inverted residual backbones (MobileNetV2-1.0, EfficientNet-Lite0 topologies) with effective SE.
 
-A backbone is built from a block table (`BackboneArch`), so both topologies share one implementation, and the
-ImageNet key maps are derived from the same table. ESE placements are `blocks.ESE_PLACEMENTS` ("none",
-"expanded", "output", "stage"); the default (`DEFAULT_ESE = "stage"`) is chosen for its parameter and FLOP cost,
+A backbone is built from an architecture table (`BackboneArch`, one `Stage` row per resolution/width stage), so both
+topologies share one implementation and the ImageNet key maps are derived from the same table. Where ESE sits is data
+on each stage row (`Stage.ese`, `Stage.ese_last_only`), as timm's arch-def strings carry SE per stage: a variant with
+ESE elsewhere is one registration of a table (`BackboneArch.with_ese`), see docs/architecture.md. The default, ESE on
+the output of each stage's last block (`tlese_mbv2`, `tlese_lite0`), is chosen for its parameter and FLOP cost,
 tabulated with the reasoning in docs/models.md (`tlese models` prints the table).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights
 
-from tlese.models.blocks import (
-    DEFAULT_ESE,
-    DEFAULT_GATE_INIT,
-    ConvBNAct,
-    InvertedResidual,
-    block_placement,
-    check_placement,
-    ese_modules,
-)
-from tlese.models.registry import register_model
+from tlese.models.blocks import DEFAULT_GATE_INIT, ConvBNAct, InvertedResidual, check_placement, ese_modules
+from tlese.models.registration import register_model
 from tlese.models.weights import Lite0PackageWeights, TorchvisionWeights
 
 
 @dataclass(frozen=True)
 class Stage:
-    """`repeats` inverted residual blocks; the first has `stride`, all expand by `expand_ratio`."""
+    """`repeats` inverted residual blocks; the first has `stride`, all expand by `expand_ratio`.
+
+    `ese` is where the stage's blocks put an ESE gate (`blocks.BLOCK_PLACEMENTS`: "none", "expanded", "output");
+    `ese_last_only` gates only the stage's last block (where the resolution/width changes next).
+    """
 
     expand_ratio: int
     channels: int
     repeats: int
     stride: int
     kernel_size: int = 3
+    ese: str = "none"
+    ese_last_only: bool = False
+
+    def __post_init__(self) -> None:
+        check_placement(self.ese)
+
+    def block_ese(self, index: int) -> str:
+        """The ESE placement of block `index` (0-based) of this stage."""
+        gated = not self.ese_last_only or index == self.repeats - 1
+        return self.ese if gated else "none"
 
 
 @dataclass(frozen=True)
@@ -48,15 +56,26 @@ class BackboneArch:
     padding: str = "symmetric"  # "same" for TensorFlow-trained weights
 
     def block_specs(self):
-        """(in_chs, stage, is_first_in_stage, is_last_in_stage) for every block, in order."""
+        """(in_chs, stage, index_in_stage) for every block, in order."""
         in_chs = self.stem_channels
         for stage in self.stages:
             for i in range(stage.repeats):
-                yield in_chs, stage, i == 0, i == stage.repeats - 1
+                yield in_chs, stage, i
                 in_chs = stage.channels
 
+    def with_ese(self, ese: str, *, last_only: bool = False, stages: Iterable[int] | None = None) -> BackboneArch:
+        """This table with ESE at `ese` in `stages` (0-based stage indices; all when None), other stages unchanged."""
+        chosen = set(range(len(self.stages)) if stages is None else stages)
+        if not chosen <= set(range(len(self.stages))):
+            raise ValueError(f"stage indices {sorted(chosen)} out of range: the table has {len(self.stages)} stages")
+        rows = tuple(
+            replace(stage, ese=ese, ese_last_only=last_only) if i in chosen else stage
+            for i, stage in enumerate(self.stages)
+        )
+        return replace(self, stages=rows)
 
-# MobileNetV2 width 1.0 (Sandler et al. 2018, table 2), as torchvision builds it.
+
+# MobileNetV2 width 1.0 (Sandler et al. 2018, table 2), as torchvision builds it; no ESE in any stage row.
 MBV2_1_0 = BackboneArch(
     stem_channels=32,
     stages=(
@@ -88,37 +107,31 @@ LITE0 = BackboneArch(
     padding="same",
 )
 
+
 class TLeseBackbone(nn.Module):
-    """stem -> inverted residual blocks (with ESE per `ese`) -> 1x1 conv head -> global average pool."""
+    """stem -> inverted residual blocks (ESE where the table's stage rows say) -> 1x1 conv head -> global pool."""
 
     first_conv = "stem.conv"
     gradcam_layer = "conv_head"
 
-    def __init__(
-        self,
-        arch: BackboneArch,
-        in_chans: int = 1,
-        ese: str = DEFAULT_ESE,
-        gate_init: float | None = DEFAULT_GATE_INIT,
-    ) -> None:
+    def __init__(self, arch: BackboneArch, in_chans: int = 1, gate_init: float | None = DEFAULT_GATE_INIT) -> None:
         super().__init__()
-        check_placement(ese)
         conv = dict(bn_eps=arch.bn_eps, padding=arch.padding)
-        self.ese_placement = ese
+        self.arch = arch
         self.stem = ConvBNAct(in_chans, arch.stem_channels, 3, stride=2, **conv)
         self.blocks = nn.Sequential(
             *(
                 InvertedResidual(
                     in_chs,
                     stage.channels,
-                    stride=stage.stride if first else 1,
+                    stride=stage.stride if index == 0 else 1,
                     expand_ratio=stage.expand_ratio,
                     kernel_size=stage.kernel_size,
-                    ese=block_placement(ese, last),
+                    ese=stage.block_ese(index),
                     gate_init=gate_init,
                     **conv,
                 )
-                for in_chs, stage, first, last in arch.block_specs()
+                for in_chs, stage, index in arch.block_specs()
             )
         )
         self.conv_head = ConvBNAct(arch.stages[-1].channels, arch.head_channels, 1, **conv)
@@ -148,7 +161,7 @@ def _init_weights(module: nn.Module) -> None:
 
 def _block_map(arch: BackboneArch, source_block: Callable[[int, bool], dict[str, str]]) -> dict[str, str]:
     out = {}
-    for index, (_, stage, _, _) in enumerate(arch.block_specs()):
+    for index, (_, stage, _) in enumerate(arch.block_specs()):
         for ours, theirs in source_block(index, stage.expand_ratio != 1).items():
             out[theirs] = f"backbone.blocks.{index}.{ours}"
     return out
@@ -205,51 +218,53 @@ LITE0_IMAGENET = Lite0PackageWeights(lite0_key_map(LITE0))
 
 
 # ----------------------------------------------------------------------------------------------- registrations
+# Each model is one table: the topology with ESE where its stage rows say. ImageNet weights load into any of them
+# (the key maps skip the ESE gates, which keep their near-identity init).
 
 
 @register_model(MBV2_IMAGENET)
-def tlese_mbv2(in_chans: int = 1, ese: str = DEFAULT_ESE, **kw) -> TLeseBackbone:
+def tlese_mbv2(in_chans: int = 1, **kw) -> TLeseBackbone:
     """TLese-ResNet, MobileNetV2-1.0 topology, ESE on the output of each stage's last block (default)."""
-    return TLeseBackbone(MBV2_1_0, in_chans, ese=ese, **kw)
+    return TLeseBackbone(MBV2_1_0.with_ese("output", last_only=True), in_chans, **kw)
 
 
 @register_model(MBV2_IMAGENET)
 def tlese_mbv2_ese_expanded(in_chans: int = 1, **kw) -> TLeseBackbone:
     """TLese-ResNet, MobileNetV2-1.0 topology, ESE on the expanded channels of every block."""
-    return TLeseBackbone(MBV2_1_0, in_chans, ese="expanded", **kw)
+    return TLeseBackbone(MBV2_1_0.with_ese("expanded"), in_chans, **kw)
 
 
 @register_model(MBV2_IMAGENET)
 def tlese_mbv2_ese_output(in_chans: int = 1, **kw) -> TLeseBackbone:
     """TLese-ResNet, MobileNetV2-1.0 topology, ESE on the output of every block."""
-    return TLeseBackbone(MBV2_1_0, in_chans, ese="output", **kw)
+    return TLeseBackbone(MBV2_1_0.with_ese("output"), in_chans, **kw)
 
 
 @register_model(MBV2_IMAGENET)
 def mbv2_plain(in_chans: int = 1, **kw) -> TLeseBackbone:
     """MobileNetV2-1.0 in our block code, no ESE (the ESE on/off ablation)."""
-    return TLeseBackbone(MBV2_1_0, in_chans, ese="none", **kw)
+    return TLeseBackbone(MBV2_1_0, in_chans, **kw)
 
 
 @register_model(LITE0_IMAGENET)
-def tlese_lite0(in_chans: int = 1, ese: str = DEFAULT_ESE, **kw) -> TLeseBackbone:
+def tlese_lite0(in_chans: int = 1, **kw) -> TLeseBackbone:
     """TLese-ResNet, EfficientNet-Lite0 topology, ESE on the output of each stage's last block (default)."""
-    return TLeseBackbone(LITE0, in_chans, ese=ese, **kw)
+    return TLeseBackbone(LITE0.with_ese("output", last_only=True), in_chans, **kw)
 
 
 @register_model(LITE0_IMAGENET)
 def tlese_lite0_ese_expanded(in_chans: int = 1, **kw) -> TLeseBackbone:
     """TLese-ResNet, EfficientNet-Lite0 topology, ESE on the expanded channels of every block."""
-    return TLeseBackbone(LITE0, in_chans, ese="expanded", **kw)
+    return TLeseBackbone(LITE0.with_ese("expanded"), in_chans, **kw)
 
 
 @register_model(LITE0_IMAGENET)
 def tlese_lite0_ese_output(in_chans: int = 1, **kw) -> TLeseBackbone:
     """TLese-ResNet, EfficientNet-Lite0 topology, ESE on the output of every block."""
-    return TLeseBackbone(LITE0, in_chans, ese="output", **kw)
+    return TLeseBackbone(LITE0.with_ese("output"), in_chans, **kw)
 
 
 @register_model(LITE0_IMAGENET)
 def lite0_plain(in_chans: int = 1, **kw) -> TLeseBackbone:
     """EfficientNet-Lite0 in our block code, no ESE (the ESE on/off ablation)."""
-    return TLeseBackbone(LITE0, in_chans, ese="none", **kw)
+    return TLeseBackbone(LITE0, in_chans, **kw)

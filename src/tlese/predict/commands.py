@@ -1,4 +1,5 @@
-"""`tlese predict` and `tlese evaluate`: thin wrappers over the prediction library (tlese.predict)."""
+"""`tlese predict`, `tlese evaluate`, `tlese export` and `tlese keygen`: thin wrappers over the prediction library
+(tlese.predict) and the bundle (tlese.bundle)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,32 @@ from pathlib import Path
 def register(subparsers) -> None:
     register_predict(subparsers)
     register_evaluate(subparsers)
+    register_export(subparsers)
+    register_keygen(subparsers)
+
+
+def _add_trust_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trusted-keys", type=Path, default=None, metavar="PATH",
+                        help="folder of trusted public keys (*.pub) or one .pub file (default: $TLESE_TRUSTED_KEYS, "
+                        "else ~/.config/tlese/trusted_keys)")
+    parser.add_argument("--allow-unsigned", action="store_true",
+                        help="accept a bundle that is unsigned or not signed by a trusted key (not verified: the "
+                        "maker cannot be confirmed and the bundle may have been altered)")
+
+
+def _load(args: argparse.Namespace, say_synthetic: bool = True):
+    """The bundle of `args.bundle`, verified against the trusted keys; says so when an unverified one is let in, and
+    (unless the command's own summary does) when the bundle was trained on synthetic data."""
+    from tlese.bundle.format import load_bundle
+
+    bundle = load_bundle(args.bundle, trusted_keys=getattr(args, "trusted_keys", None),
+                         allow_unsigned=getattr(args, "allow_unsigned", False))
+    if not bundle.signed:
+        print(f"WARNING: bundle not verified ({bundle.signature_status}); used because of --allow-unsigned")
+    if say_synthetic and bundle.synthetic:
+        print(f"NOTE: this bundle was trained on synthetic data, not on patients; validated on: "
+              f"{bundle.validated_on}. Its outputs mean nothing clinically.")
+    return bundle
 
 
 def register_predict(subparsers) -> None:
@@ -32,16 +59,20 @@ def register_predict(subparsers) -> None:
     parser.add_argument("--salt", default=None, help="secret for the exam keys (default: generated once into "
                         "OUT/.salt)")
     parser.add_argument("--runtime", default="torch",
-                        help="inference runtime: torch (default) or onnx (predict checks the name)")
+                        help="inference runtime: torch (default) or onnx (the bundle's own ONNX files; exported for "
+                        "this run when it carries none)")
+    _add_trust_options(parser)
     parser.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Load the bundle, predict, print the summary (counts, reasons and exam keys only)."""
-    from tlese.bundle.format import load_bundle
     from tlese.predict.pipeline import predict
 
-    summary = predict(load_bundle(args.bundle), args.inputs, args.out, salt=args.salt, link_file=args.link_file,
+    bundle = _load(args, say_synthetic=False)
+    if args.runtime == "onnx" and not bundle.onnx:
+        print("NOTE: the bundle carries no ONNX files; exporting its models for this run (rebundle to avoid this)")
+    summary = predict(bundle, args.inputs, args.out, salt=args.salt, link_file=args.link_file,
                       heatmaps=args.heatmaps, sr=args.sr, runtime=args.runtime)
     print("\n".join(summary.lines()))
     return 0
@@ -59,12 +90,25 @@ def register_evaluate(subparsers) -> None:
     parser.add_argument("bundle", type=Path, help="model bundle (tlese.bundle.format)")
     parser.add_argument("--dataset", required=True, help="dataset adapter name (e.g. cmmd)")
     parser.add_argument("--root", required=True, type=Path, help="the labelled data set's folder")
-    parser.add_argument("--task", required=True, help="registered task name (its classes must be the bundle's)")
+    parser.add_argument("--task", default=None,
+                        help="the task encoding the labels: a registered name, a YAML file holding a task mapping, "
+                        "or an inline YAML/JSON mapping (its classes must be the bundle's; default: the bundle's own "
+                        "task)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="patient-level bootstrap resamples (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    _add_trust_options(parser)
     parser.set_defaults(func=cmd_evaluate)
+
+
+def _task(value: str | None, bundle):
+    """The task of `--task` (what `tlese.data.tasks.resolve_task` accepts), else the bundle's own."""
+    if value is None:
+        return bundle.task
+    from tlese.data.tasks import resolve_task
+
+    return resolve_task(value)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -72,8 +116,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from tlese.predict.validate import TRAINING_OVERLAP_WARNING, evaluate_bundle
 
-    paths = evaluate_bundle(args.bundle, args.dataset, args.root, args.task, args.out, n_boot=args.bootstrap,
-                            seed=args.seed)
+    bundle = _load(args)
+    paths = evaluate_bundle(bundle, args.dataset, args.root, _task(args.task, bundle), args.out,
+                            n_boot=args.bootstrap, seed=args.seed)
     evaluation = json.loads(paths["evaluation_json"].read_text())
     print(f"external evaluation of bundle {evaluation['bundle_sha256']} on {evaluation['dataset']}: "
           f"{evaluation['evaluated_breasts']} of {evaluation['labelled_breasts']} breasts evaluated "
@@ -81,4 +126,59 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"{evaluation['macro_auc']:.4f} (raw {evaluation['raw_macro_auc']:.4f})")
     print(f"WARNING: {TRAINING_OVERLAP_WARNING}")
     print(f"report: {paths['html']} and {paths['md']}")
+    return 0
+
+
+def register_export(subparsers) -> None:
+    """Add the ``export`` command."""
+    parser = subparsers.add_parser(
+        "export", help="a bundle's fold models as ONNX files, with a parity report",
+        description="Write the bundle's fold models as OUT/onnx/fold_<k>.onnx (the bundle's own verified files, or "
+        "exported now when it carries none) and OUT/parity.json: the ensemble under ONNX Runtime against the bundle's "
+        "torch models on its reference cases. Exit 2 when they differ by more than 1e-4.",
+    )
+    parser.add_argument("bundle", type=Path, help="model bundle (tlese.bundle.format)")
+    parser.add_argument("--onnx", action="store_true", help="export to ONNX (the one format for now)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <bundle name>-onnx beside "
+                        "the current folder)")
+    _add_trust_options(parser)
+    parser.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import sys
+
+    from tlese.predict.export import PARITY_FILE, export_bundle
+
+    if not args.onnx:
+        print("tlese export: choose a format: --onnx", file=sys.stderr)
+        return 2
+    out = args.out or Path(f"{args.bundle.name.removesuffix('.zip')}-onnx")
+    report = export_bundle(_load(args), out)
+    verdict = "within" if report["passed"] else "EXCEEDS"
+    print(f"ONNX: {len(report['files'])} file(s) in {out / 'onnx'}; max abs difference vs the bundle's torch outputs "
+          f"on {report['reference_cases']} reference cases: {report['max_abs_diff']:.3g} ({verdict} "
+          f"{report['tolerance']:g}); report {out / PARITY_FILE}")
+    return 0 if report["passed"] else 2
+
+
+def register_keygen(subparsers) -> None:
+    """Add the ``keygen`` command."""
+    parser = subparsers.add_parser(
+        "keygen", help="make an Ed25519 key pair for signing bundles",
+        description="Write OUT/tlese_signing.pem (the private key, readable by you only: keep it off shared disks) "
+        "and OUT/tlese_signing.pub (the public key: copy it into each site's trusted-keys folder, "
+        "$TLESE_TRUSTED_KEYS or ~/.config/tlese/trusted_keys). Sign with `tlese bundle --sign OUT/tlese_signing.pem`.",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="folder for the key pair")
+    parser.add_argument("--name", default="tlese_signing", help="file name stem (default tlese_signing)")
+    parser.set_defaults(func=cmd_keygen)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from tlese.bundle.signing import generate_keypair, key_id, load_public_key
+
+    private, public = generate_keypair(args.out, args.name)
+    print(f"private key: {private} (mode 0600; keep it secret)")
+    print(f"public key: {public} (key id {key_id(load_public_key(public))}; give it to the sites that trust you)")
     return 0

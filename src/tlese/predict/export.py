@@ -1,249 +1,90 @@
-"""ONNX export for offline CPU inference: a model from preprocessed input to logits, run with ONNX Runtime.
+"""`tlese export BUNDLE --onnx`: a bundle's fold models as ONNX files for a team that deploys elsewhere, with a parity
+report against the bundle's torch outputs on its reference cases.
 
-    from tlese.predict.export import OnnxModel, check_onnx, export_onnx
-    path = export_onnx(model, "exam.onnx", image_size=512, views="dual")   # (B, 2, 1, 512, 512) -> (B, classes)
-    assert check_onnx(model, path, torch.rand(1, 2, 1, 512, 512)) < 1e-4
-    logits = OnnxModel(path, threads=2)(exam)                              # exam: float32 in [0, 1]
-
-The graph takes the preprocessed image (float32 in [0, 1], `(B, C, H, W)` or dual-view `(B, 2, C, H, W)` in CC,
-MLO order) and normalises it itself, as the PyTorch model does. Batch is dynamic; height and width are fixed at
-export (the TensorFlow-SAME padding of the Lite0 backbone then becomes constant pads that ONNX Runtime fuses into
-the convolutions). Exporter: `torch.onnx.export(dynamo=True)` (torch.export): it folds BatchNorm into the convs and
-gives constant pads; the TorchScript exporter traces `SamePad2d` into a Shape/Pad subgraph that ONNX Runtime cannot
-fuse (tlese_lite0: ~1.3x slower, benchmarks/results/onnx.md). Weights are stored inside the one .onnx file.
+The ONNX machinery itself (export_onnx, OnnxModel, session_options, check_onnx, quantize_onnx) lives with the bundle
+format in `tlese.bundle.onnx` and is re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import io
+import json
 import os
-import warnings
-from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
-VIEWS = ("single", "dual")
-NUM_DUAL_VIEWS = 2
-# How far outside [0, 1] an input may stray before OnnxModel refuses it (the PyTorch model's own tolerance).
-INPUT_RANGE_TOLERANCE = 0.05
+from tlese.bundle.onnx import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    OnnxModel,
+    check_onnx,
+    export_bundle_onnx,
+    export_onnx,
+    input_shape,
+    onnx_file,
+    quantize_onnx,
+    session_options,
+)
 
+PARITY_FILE = "parity.json"
+PARITY_KEYS = ("per_model", "raw", "calibrated")
 
-def _image_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
-    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if height < 1 or width < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
-    return int(height), int(width)
-
-
-def _resolve_views(model: nn.Module, views: str | None) -> str:
-    own = {1: "single", NUM_DUAL_VIEWS: "dual"}.get(getattr(model, "num_views", 0))
-    if views is None:
-        if own is None:
-            raise ValueError("views must be given ('single' or 'dual') for a model without `num_views`")
-        return own
-    if views not in VIEWS:
-        raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
-    if own is not None and own != views:
-        raise ValueError(f"views={views!r} but the model is a {own}-view model")
-    return views
+__all__ = ["INPUT_NAME", "OUTPUT_NAME", "PARITY_FILE", "OnnxModel", "check_onnx", "export_bundle",
+           "export_bundle_onnx", "export_onnx", "input_shape", "quantize_onnx", "session_options"]
 
 
-def input_shape(image_size: int | tuple[int, int], views: str, in_chans: int = 1, batch: int = 1) -> tuple[int, ...]:
-    """The graph's input shape for one batch: `(B, C, H, W)` or `(B, 2, C, H, W)`."""
-    height, width = _image_hw(image_size)
-    if views not in VIEWS:
-        raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
-    return (batch, NUM_DUAL_VIEWS, in_chans, height, width) if views == "dual" else (batch, in_chans, height, width)
+def _write_private(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
 
 
-def export_onnx(
-    model: nn.Module,
-    path: str | os.PathLike,
-    image_size: int | tuple[int, int] = 512,
-    views: str | None = None,
-    opset: int | None = None,
-    *,
-    dynamic_batch: bool = True,
-    metadata: Mapping[str, str] | None = None,
-) -> Path:
-    """Export `model` (preprocessed float32 input in [0, 1] -> logits) to one self-contained ONNX file at `path`.
+def export_bundle(bundle: Any, out_dir: str | Path, threads: int | None = None) -> dict:
+    """Write the fold models of `bundle` (a loaded Bundle) as `out_dir/onnx/fold_<k>.onnx` (the bundle's own
+    verified files, or exported now when the bundle carries none) and `out_dir/parity.json`: the ensemble under ONNX
+    Runtime against the bundle's torch outputs on its reference cases. Returns the report; "passed" is whether the
+    max absolute difference is within the bundle tolerance (1e-4)."""
+    import onnxruntime
+    import torch
 
-    views: "single" -> input `(B, C, H, W)`, "dual" -> `(B, 2, C, H, W)`; None takes the model's own (`num_views`).
-    image_size: H = W, or (H, W); fixed in the graph. opset: None = the exporter's default (>= 18).
-    dynamic_batch: the batch axis is symbolic ("batch"); False fixes it at 1 (measured: no faster).
-    The model is exported from an eval-mode copy with the input range check off; `model` itself is untouched.
-    The file's metadata records model name, views, input shape, classes and value range (`OnnxModel.metadata`),
-    plus `metadata`. Returns the path.
-    """
-    import onnx
+    from tlese.bundle.format import TOLERANCE, onnx_ensemble
 
-    path = Path(path)
-    views = _resolve_views(model, views)
-    in_chans = int(getattr(model, "in_chans", 1))
-    net = copy.deepcopy(model).eval()
-    if hasattr(net, "check_input"):
-        net.check_input = False  # data-dependent (min/max to Python floats): not exportable, not wanted in a graph
-    # Example batch 2, not 1: a dynamic dim whose example is 1 can be specialised to a constant by torch.export.
-    batch = 2 if dynamic_batch else 1
-    generator = torch.Generator().manual_seed(0)
-    example = torch.rand(input_shape(image_size, views, in_chans, batch), generator=generator)
-    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")  # exporter chatter (deprecations, onnxscript notes), not about this model
-        torch.onnx.export(
-            net, (example,), str(path), dynamo=True, external_data=False, verbose=False, optimize=True,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset, dynamic_shapes=dynamic_shapes,
-        )  # fmt: skip
-    proto = onnx.load(str(path))
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    height, width = _image_hw(image_size)
-    info = {
-        "tlese.model": str(cfg.get("model", type(model).__name__)),
-        "tlese.views": views,
-        "tlese.input_shape": "x".join(str(d) for d in input_shape(image_size, views, in_chans, 1)[1:]),
-        "tlese.image_size": f"{height}x{width}",
-        "tlese.input_range": "0,1",
-        "tlese.num_classes": str(getattr(model, "num_classes", "")),
-        "tlese.fusion": str(getattr(model, "fusion", "")) if views == "dual" else "",
-        "tlese.torch": torch.__version__,
-        **{str(k): str(v) for k, v in (metadata or {}).items()},
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir}: exists and is not a folder; give --out a folder")
+    carried = bundle.onnx_files()
+    if carried:
+        for fold, data in carried.items():
+            target = out_dir / onnx_file(fold)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _write_private(target, data)
+        origin = "carried by the bundle (verified against its checksums)"
+    else:
+        export_bundle_onnx(bundle, out_dir)
+        origin = "exported now from the bundle's weights (the bundle carries no ONNX files)"
+    files = {fold: out_dir / onnx_file(fold) for fold in bundle.folds}
+    predictor = onnx_ensemble(bundle, files, threads=threads)
+    worst = dict.fromkeys(PARITY_KEYS, 0.0)
+    cases = bundle.reference_cases()
+    for _, x, _ in cases:
+        want, got = bundle.predict_arrays(x[None]), predictor(x[None])
+        for key in PARITY_KEYS:
+            worst[key] = max(worst[key], float(np.abs(want[key] - got[key]).max()))
+    difference = max(worst.values())
+    report = {
+        "bundle_sha256": bundle.sha256, "signed": bool(bundle.signed), "origin": origin,
+        "files": [{"file": onnx_file(fold), "fold": fold, "input_shape": ["B", *bundle.input_shape],
+                   "input": "float32 in [0, 1], the bundle's preprocessing applied"
+                            + ("; views CC then MLO" if bundle.views == "dual" else ""),
+                   "output": f"logits of classes {list(bundle.class_names)} (softmax, then the ensemble mean)"}
+                  for fold in bundle.folds],
+        "ensemble": {"raw": "mean of the fold models' softmax probabilities", "temperature": bundle.temperature,
+                     "calibration": bundle.meta.get("calibration")},
+        "reference_cases": len(cases), "compared": "probabilities (per model, raw mean, calibrated) of ONNX Runtime "
+        "against the bundle's torch models", "max_abs_diff": difference, "max_abs_diff_by_output": worst,
+        "tolerance": TOLERANCE, "passed": bool(difference <= TOLERANCE),
+        "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
     }
-    del proto.metadata_props[:]
-    for key, value in info.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
-    onnx.checker.check_model(str(path))
-    return path
-
-
-def session_options(threads: int | None = None, spinning: bool = True):
-    """The ONNX Runtime session options OnnxModel uses: ORT_ENABLE_ALL, sequential, `threads` intra-op threads;
-    `spinning=False`: idle intra-op threads sleep instead of busy-waiting between ops."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # incl. the NCHWc layout: ~2x
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = 0 if threads is None else int(threads)  # 0: ONNX Runtime's default (all cores)
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return options
-
-
-class OnnxModel:
-    """An exported model under ONNX Runtime (CPUExecutionProvider, graph optimisation ORT_ENABLE_ALL).
-
-    `OnnxModel(path, threads=2)(x)` -> logits `(B, num_classes)` as float32 numpy. `x`: float in [0, 1] of the
-    exported shape (`input_shape`, batch free); checked unless `check_input=False`. `threads`: intra-op threads
-    (None: ONNX Runtime's default, one per physical core). `spinning`: ONNX Runtime's busy-waiting intra-op threads
-    (its default); turn off on a machine whose cores other work is using (benchmarks/results/onnx.md).
-    """
-
-    def __init__(
-        self, path: str | os.PathLike, threads: int | None = None, check_input: bool = True, spinning: bool = True
-    ) -> None:
-        import onnxruntime as ort
-
-        if threads is not None and threads < 1:
-            raise ValueError(f"threads must be >= 1 or None, got {threads}")
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: ONNX model not found")
-        self.threads = threads
-        self.check_input = check_input
-        options = session_options(threads, spinning)
-        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        graph_input = self.session.get_inputs()[0]
-        self.input_name = graph_input.name
-        self.output_name = self.session.get_outputs()[0].name
-        # (None, 2, 1, 512, 512): None where the axis is symbolic (the batch)
-        self.input_shape = tuple(d if isinstance(d, int) else None for d in graph_input.shape)
-        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-
-    def __repr__(self) -> str:
-        return f"OnnxModel({str(self.path)!r}, threads={self.threads}, input_shape={self.input_shape})"
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
-        expected = self.input_shape
-        if x.ndim != len(expected) or any(e is not None and e != s for e, s in zip(expected, x.shape)):
-            shown = tuple("B" if e is None else e for e in expected)
-            raise ValueError(f"{self.path.name}: expected input {shown}, got {x.shape}")
-        if self.check_input and x.size:
-            low, high = float(x.min()), float(x.max())
-            if not (low >= -INPUT_RANGE_TOLERANCE and high <= 1.0 + INPUT_RANGE_TOLERANCE):  # also catches NaN
-                raise ValueError(
-                    f"model input must be float in [0, 1] (the model normalises itself); observed min {low:.4g}, "
-                    f"max {high:.4g}"
-                )
-        return self.session.run([self.output_name], {self.input_name: x})[0]
-
-
-def check_onnx(model: nn.Module, path: str | os.PathLike | OnnxModel, inputs: torch.Tensor | np.ndarray) -> float:
-    """Max |logit difference| between `model` (PyTorch, eval mode) and the exported file under ONNX Runtime on
-    `inputs` (float in [0, 1], the exported shape). The model's train/eval mode is restored afterwards."""
-    onnx_model = path if isinstance(path, OnnxModel) else OnnxModel(path)
-    x = torch.as_tensor(np.asarray(inputs, dtype=np.float32) if isinstance(inputs, np.ndarray) else inputs).float()
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            expected = model(x.to(device)).float().cpu().numpy()
-    finally:
-        model.train(was_training)
-    got = onnx_model(x.numpy())
-    if got.shape != expected.shape:
-        raise ValueError(f"ONNX output {got.shape} != PyTorch output {expected.shape}")
-    return float(np.max(np.abs(got - expected))) if got.size else 0.0
-
-
-def quantize_onnx(
-    path: str | os.PathLike,
-    out: str | os.PathLike,
-    calibration: Iterable[np.ndarray],
-    per_channel: bool = True,
-) -> Path:
-    """Static int8 post-training quantisation (QDQ, per-channel int8 weights, uint8 activations, MinMax ranges
-    from `calibration` batches of the input shape) of an exported file, with onnxruntime.quantization.
-
-    NOT a drop-in replacement: ~2x faster on a VNNI CPU but it changes the outputs (ImageNet-pretrained Lite0 on
-    mini-MIAS: features ~20 % relative L2 error, benchmarks/results/onnx.md). Validate on a held-out set before use.
-    """
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    name = onnx.load(str(path), load_external_data=False).graph.input[0].name
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    batches = iter(calibration)
-
-    class _Reader(CalibrationDataReader):
-        def get_next(self):
-            batch = next(batches, None)
-            return None if batch is None else {name: np.ascontiguousarray(batch, dtype=np.float32)}
-
-    prepared = out.with_name(out.stem + ".pre.onnx")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # shape inference only: an ORT-optimised model would carry this CPU's NCHWc kernels
-            quant_pre_process(str(path), str(prepared), skip_optimization=True, skip_symbolic_shape=True)
-            quantize_static(
-                str(prepared), str(out), _Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            )  # fmt: skip
-    finally:
-        prepared.unlink(missing_ok=True)
-    return out
+    (out_dir / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -4,22 +4,34 @@ Inputs (`tlese.predict.inputs`): DICOM files, folders, zip archives, manifest CS
 by the header tags (never file names). Every image goes through `tlese.data.preprocess.prepare_file` with the
 bundle's preprocessing parameters: the code that prepared the training images.
 
-Verdicts, one per breast, each with its reasons:
+Verdicts, one per breast, each with its reasons, judged against the views the bundle reads (`bundle_views`: CC and
+MLO for a dual-view bundle; the task's views for a single-view one, e.g. MLO alone for a mini-MIAS model):
 
-- `ok`: a usable CC and a usable MLO image (reasons may still note images not used, e.g. a FOR PROCESSING copy).
-- `degraded`: one view missing or unusable: predicted from the view present, duplicated into both view slots of a
-  dual-view model (how cross-validation measured single-view breasts), flagged.
-- `refused`: no usable CC or MLO image (Modality not MG, FOR PROCESSING, unreadable or truncated pixels, no breast
-  found, an image smaller than the model's input, ...), or an image whose content faces the other side than its
-  laterality tag says (then the whole breast is refused: its labels cannot be trusted).
+- `ok`: a usable image of every view the bundle reads (reasons may still note images not used, e.g. a FOR
+  PROCESSING copy, or high fold disagreement).
+- `degraded`: a view the bundle reads missing or unusable: predicted from the view present (duplicated into both view
+  slots of a dual-view model, how cross-validation measured single-view breasts), flagged; or an image unlike the
+  training images (the bundle's out-of-distribution score above its threshold, when the bundle carries one).
+- `refused`: no usable image of a view the bundle reads (Modality not MG, FOR PROCESSING, unreadable or truncated
+  pixels, no breast found, an image smaller than the model's input, ...), an image whose content faces the other
+  side than its laterality tag says (then the whole breast is refused: its labels cannot be trusted), or an identity
+  conflict (a StudyInstanceUID or an image under two patients: `tlese.predict.inputs.mark_conflicts`): no merge, no
+  choice, no drop.
+
+High fold disagreement (the largest standard deviation of a class probability over the fold models above
+DISAGREEMENT_THRESHOLD) is a reason on the breast, whatever its verdict. A bundle trained on synthetic data says so in
+the summary lines, predictions.json (`bundle.synthetic`, `bundle.warning`) and every SR.
 
 Files that are no image at all are listed as refused inputs. One bad file never stops the batch.
 
-Outputs under `out_dir`: `breasts/<exam key>.json` per breast (written atomically as each is done; a rerun skips
-those made from the same input files and bundle), then `predictions.csv`, `predictions.json` and
+Outputs under `out_dir`: `breasts/<exam key>.json` per breast (written atomically as each is done, each sealed by an
+HMAC under the run's salt; a rerun reuses those made from the same input files and bundle whose seal still checks,
+and recomputes an edited one), then `predictions.csv`, `predictions.json` and
 `refused_inputs.csv`; with `heatmaps`, `heatmaps/<exam key>_<view>.png` (overlay) and `..._map.png` (the map alone,
-16-bit, the original image's shape); with `sr`, `sr/<study key>.dcm` per study; with `link_file`, a CSV from exam key
-to StudyInstanceUID / AccessionNumber. The exam key is an HMAC-SHA256 of StudyInstanceUID + side (or the manifest's or
+16-bit, the original image's shape); with `sr`, `sr/<study key>.dcm` per study (owner-readable only: it carries the
+patient module); with `link_file`, a CSV from exam key to StudyInstanceUID / AccessionNumber (owner-readable only).
+Paths in outputs are relative: inputs by their label (`tlese.predict.inputs`), files by their place under `out_dir`.
+The exam key is an HMAC-SHA256 of StudyInstanceUID + side (or the manifest's or
 CBIS-DDSM patient + side) with a salt given or generated once into `out_dir/.salt`. No output but the SR files and the
 link file carries a patient name, ID, birth date, accession number or UID; nothing is printed or logged from a header.
 """
@@ -58,6 +70,9 @@ KEY_HEX = 16  # 64 bits of the HMAC name an exam key
 OVERLAY_SENTENCE = "Grad-CAM shows where the model looked for this prediction; it is not a tumour outline."
 DEFAULT_INTENDED_USE = "research use only - not for diagnostic use"
 RUNTIMES = ("torch", "onnx")
+DISAGREEMENT_THRESHOLD = 0.25  # std over the fold models of a class probability (the largest class): a reason above
+SYNTHETIC_WARNING = ("this model was trained on SYNTHETIC images, not on real mammograms: its outputs say nothing "
+                     "about a patient")
 CHUNK = 8  # breasts prepared and predicted together; at most this many are recomputed after an interruption
 
 
@@ -75,6 +90,7 @@ class Summary:
     refused_inputs: list[dict] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # about the bundle itself (e.g. trained on synthetic data)
 
     @property
     def breasts(self) -> int:
@@ -83,11 +99,13 @@ class Summary:
     def to_dict(self) -> dict:
         return {"breasts": self.breasts, "ok": self.ok, "degraded": self.degraded, "refused": self.refused,
                 "computed": self.computed, "resumed": self.resumed, "reasons": self.reasons,
-                "refused_inputs": len(self.refused_inputs), "files": self.files, "notes": self.notes}
+                "refused_inputs": len(self.refused_inputs), "files": self.files, "notes": self.notes,
+                "warnings": self.warnings}
 
     def lines(self) -> list[str]:
-        """A short human summary (no identifiers: exam keys and counts only)."""
-        out = [f"{self.breasts} breasts: {self.ok} ok, {self.degraded} degraded, {self.refused} refused "
+        """A short human summary (no identifiers: exam keys and counts only; files relative to the output folder)."""
+        out = [f"WARNING: {warning}" for warning in self.warnings]
+        out += [f"{self.breasts} breasts: {self.ok} ok, {self.degraded} degraded, {self.refused} refused "
                f"({self.computed} computed, {self.resumed} kept from an earlier run); "
                f"{len(self.refused_inputs)} input(s) refused"]
         for verdict in ("degraded", "refused"):
@@ -98,7 +116,8 @@ class Summary:
         if len(self.refused_inputs) > 10:
             out.append(f"  ... and {len(self.refused_inputs) - 10} more refused inputs (refused_inputs.csv)")
         out += [f"  note: {note}" for note in self.notes]
-        out += [f"{name}: {path}" for name, path in self.files.items() if name in ("predictions_csv", "link_file")]
+        out += [f"{name}: {_shown_path(path, self.out_dir)}" for name, path in self.files.items()
+                if name in ("predictions_csv", "link_file")]
         return out
 
 
@@ -121,7 +140,8 @@ class _Prepared:
 
 def predict(bundle: Any, inputs: Sequence[str | Path], out_dir: str | Path, *, salt: str | None = None,
             link_file: str | Path | None = None, heatmaps: bool = False, sr: bool = False,
-            runtime: str = "torch", predictor: Callable[[np.ndarray], dict] | None = None) -> Summary:
+            runtime: str = "torch", predictor: Callable[[np.ndarray], dict] | None = None,
+            label_root: str | Path | None = None) -> Summary:
     """Predict every breast found in `inputs` with `bundle` (see `tlese.bundle.format.load_bundle`) into `out_dir`.
 
     salt: secret for the exam keys (default: `out_dir/.salt`, generated on the first run). link_file: where to write
@@ -129,44 +149,54 @@ def predict(bundle: Any, inputs: Sequence[str | Path], out_dir: str | Path, *, s
     predicted class per view, averaged over the fold models. sr: one DICOM SR per study. runtime: "torch" ("onnx"
     when `tlese.predict.export.OnnxModel` is available). predictor: a `make_predictor` result to use instead of
     building one for `runtime` (a service builds it once: an ONNX export per call would cost seconds).
+    label_root: inputs under it are named in the outputs by their path relative to it (`collect_inputs`).
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if bundle.views not in ("dual", "single"):
         raise ValueError(f"bundle views must be 'dual' or 'single', got {bundle.views!r}")
+    options = {"salt": salt, "link_file": link_file, "heatmaps": heatmaps, "sr": sr, "label_root": label_root}
     if predictor is not None:
-        return _predict(bundle, predictor, inputs, Path(out_dir), salt=salt, link_file=link_file,
-                        heatmaps=heatmaps, sr=sr)
+        return _predict(bundle, predictor, inputs, Path(out_dir), **options)
     with tempfile.TemporaryDirectory(prefix="tlese-predict-") as workdir:
         predict_arrays = make_predictor(bundle, runtime, Path(workdir))
-        return _predict(bundle, predict_arrays, inputs, Path(out_dir), salt=salt, link_file=link_file,
-                        heatmaps=heatmaps, sr=sr)
+        return _predict(bundle, predict_arrays, inputs, Path(out_dir), **options)
 
 
 def _predict(bundle: Any, predict_arrays, inputs: Sequence[str | Path], out_dir: Path, *, salt: str | None,
-             link_file: str | Path | None, heatmaps: bool, sr: bool) -> Summary:
+             link_file: str | Path | None, heatmaps: bool, sr: bool, label_root: str | Path | None) -> Summary:
     params: PreprocessParams = bundle.preprocess
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir.name}: exists and is not a folder; give a folder for the outputs")
     (out_dir / BREASTS_DIR).mkdir(parents=True, exist_ok=True)
     key_salt = _salt(out_dir, salt)
     summary = Summary(out_dir=out_dir)
+    about = bundle_provenance(bundle)
+    if about["synthetic"]:
+        summary.warnings.append(f"{SYNTHETIC_WARNING} (validated on: {about['validated_on']})")
     results: dict[str, dict] = {}
-    with collect_inputs(inputs) as found:
+    tampered = 0
+    with collect_inputs(inputs, label_root=label_root) as found:
         summary.refused_inputs = [entry.to_dict() for entry in found.refused]
         todo: list[_Prepared] = []
         for breast in found.breasts:
             key = exam_key(key_salt, breast.key_material)
             cache = _cache_key(key, breast, bundle.sha256)
-            previous = _load_previous(out_dir / BREASTS_DIR / f"{key}.json", cache, heatmaps)
+            previous, status = _load_previous(out_dir / BREASTS_DIR / f"{key}.json", cache, heatmaps, key_salt)
+            tampered += status == "tampered"
             if previous is not None:
                 results[key] = previous
                 summary.resumed += 1
             else:
                 todo.append(_Prepared(breast=breast, key=key, cache_key=cache))
+        if tampered:
+            summary.notes.append(f"{tampered} earlier result(s) in {BREASTS_DIR}/ failed their integrity check "
+                                 "(edited after they were written): recomputed")
         for start in range(0, len(todo), CHUNK):
             chunk = todo[start: start + CHUNK]
             for item in chunk:
                 _prepare_breast(item, bundle, params)
-            _predict_chunk(chunk, bundle, predict_arrays, results, out_dir, heatmaps)
+            _predict_chunk(chunk, bundle, predict_arrays, results, out_dir, heatmaps, key_salt)
             summary.computed += len(chunk)
         if sr:
             summary.files.update(_write_srs(found, results, bundle, out_dir, key_salt, summary))
@@ -189,6 +219,31 @@ def exam_key(salt: str, material: str) -> str:
     return hmac.new(salt.encode(), material.encode(), hashlib.sha256).hexdigest()[:KEY_HEX]
 
 
+def bundle_provenance(bundle: Any) -> dict:
+    """What the bundle says of its training data in plain words: {"synthetic": bool, "validated_on": str} (from
+    `bundle.synthetic`, else the card's training_data)."""
+    card = getattr(bundle, "card", None) or {}
+    training = card.get("training_data") or {}
+    synthetic = getattr(bundle, "synthetic", None)
+    if synthetic is None:
+        synthetic = training.get("synthetic", False)
+    return {"synthetic": bool(synthetic), "validated_on": str(training.get("validated_on") or "not recorded")}
+
+
+def bundle_views(bundle: Any) -> tuple[tuple[str, ...], int]:
+    """The views the bundle reads (CC, MLO order) and how many of them a breast needs for an "ok" verdict: both for a
+    dual-view bundle; the task's views for a single-view bundle (all of them; one when its task takes any view)."""
+    every = tuple(view.value for view in DUAL_VIEW_ORDER)
+    if bundle.views == "dual":
+        return every, 2
+    try:
+        task_views = tuple(str(view) for view in bundle.task.views)
+    except Exception:  # a bundle without a task record (older or hand-made): both views, as before
+        task_views = every
+    named = tuple(view for view in every if view in task_views)
+    return (named, len(named)) if named else (every, 1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # One breast: choose and prepare its images, decide its verdict
 
@@ -197,9 +252,23 @@ def _prepare_breast(item: _Prepared, bundle: Any, params: PreprocessParams) -> N
     breast = item.breast
     identifiers = breast.identifiers
     item.reasons += breast.notes
+    if breast.conflicts:  # nothing of it is read: whose breast it is cannot be told
+        item.verdict = "refused"
+        item.reasons += breast.conflicts
+        for image in breast.images:
+            item.not_used[image.sha256] = "identity conflict"
+        return
+    read, needed = bundle_views(bundle)
     contradicted = False
     for view in DUAL_VIEW_ORDER:
         candidates = breast.candidates(view)
+        if view.value not in read:
+            for image in candidates:
+                item.not_used[image.sha256] = f"this bundle reads {' and '.join(read)} images only"
+            if candidates:
+                item.reasons.append(f"{len(candidates)} {view} image(s) not used: this bundle reads "
+                                    f"{' and '.join(read)} images only")
+            continue
         failures = []
         for image in candidates:
             problems = list(image.problems) + _bundle_problems(bundle, image)
@@ -258,10 +327,10 @@ def _prepare_breast(item: _Prepared, bundle: Any, params: PreprocessParams) -> N
         item.reasons.append("laterality contradicted by the image: this breast's labels cannot be trusted")
     elif not item.used:
         item.verdict = "refused"
-        item.reasons.append("no usable CC or MLO image")
-    elif len(item.used) == 1:
+        item.reasons.append(f"no usable {' or '.join(read)} image")
+    elif len(item.used) < needed:
         (present,) = item.used
-        missing = next(view.value for view in DUAL_VIEW_ORDER if view.value != present)
+        missing = next(view for view in read if view != present)
         item.verdict = "degraded"
         how = ("duplicated into both view slots, as cross-validation measured single-view breasts"
                if bundle.views == "dual" else "the single-view model on that image alone")
@@ -291,7 +360,7 @@ def _bundle_problems(bundle: Any, image: ImageInput) -> list[str]:
 
 
 def _predict_chunk(chunk: list[_Prepared], bundle: Any, predict_arrays, results: dict, out_dir: Path,
-                   heatmaps: bool) -> None:
+                   heatmaps: bool, salt: str) -> None:
     live = [item for item in chunk if item.verdict != "refused"]
     outputs: dict[str, dict] = {}
     if live:
@@ -305,6 +374,10 @@ def _predict_chunk(chunk: list[_Prepared], bundle: Any, predict_arrays, results:
                 "disagreement": float(np.mean(arrays["disagreement"][rows])),
                 "x": x[rows],
             }
+            if "ood_score" in arrays:  # the most unusual image of the breast speaks for it
+                outputs[item.key]["ood_score"] = float(np.max(arrays["ood_score"][rows]))
+                outputs[item.key]["ood_flag"] = bool(np.any(arrays["ood_flag"][rows] > 0.5)) \
+                    if "ood_flag" in arrays else None
     for item in chunk:
         result = _result(item, bundle, outputs.get(item.key))
         if heatmaps and item.key in outputs:
@@ -315,6 +388,7 @@ def _predict_chunk(chunk: list[_Prepared], bundle: Any, predict_arrays, results:
                 result["reasons"].append(f"heatmap not made ({type(error).__name__})")
         elif heatmaps:
             result["heatmaps"] = {}
+        result["integrity"] = _seal(result, salt)
         _write_json(out_dir / BREASTS_DIR / f"{item.key}.json", result)
         results[item.key] = result
 
@@ -360,7 +434,7 @@ def _result(item: _Prepared, bundle: Any, output: dict | None) -> dict:
         "predicted": None, "probabilities": None, "raw_probabilities": None, "per_model_probabilities": None,
         "disagreement": None, "source": item.breast.images[0].source, "images": images,
         "bundle_sha256": bundle.sha256, "input_sha256": sorted(image.sha256 for image in item.breast.images),
-        "cache_key": item.cache_key,
+        "cache_key": item.cache_key, "ood_score": None, "ood_flag": None,
     }
     if output is not None:
         calibrated = [float(p) for p in output["calibrated"]]
@@ -371,6 +445,22 @@ def _result(item: _Prepared, bundle: Any, output: dict | None) -> dict:
             per_model_probabilities=[dict(zip(classes, (float(p) for p in row))) for row in output["per_model"]],
             disagreement=output["disagreement"],
         )
+        if len(output["per_model"]) > 1 and output["disagreement"] > DISAGREEMENT_THRESHOLD:
+            result["reasons"].append(
+                f"the fold models disagree: spread {output['disagreement']:.2f} above {DISAGREEMENT_THRESHOLD} (the "
+                f"largest standard deviation of a class probability over the {len(output['per_model'])} models)")
+        if "ood_score" in output:
+            threshold = getattr(getattr(bundle, "ood", None), "threshold", None)
+            flag = output["ood_flag"]
+            if flag is None and threshold is not None:
+                flag = output["ood_score"] > float(threshold)
+            result.update(ood_score=output["ood_score"], ood_flag=bool(flag))
+            if flag:
+                above = f" above threshold {float(threshold):.4g}" if threshold is not None else " above threshold"
+                result["reasons"].append(f"unlike the training images: out-of-distribution score "
+                                         f"{output['ood_score']:.4g}{above}")
+                if result["verdict"] == "ok":
+                    result["verdict"] = "degraded"
     return result
 
 
@@ -484,8 +574,8 @@ def _save_png16(array: np.ndarray, path: Path) -> None:
 def _write_srs(found: InputSet, results: dict, bundle: Any, out_dir: Path, salt: str, summary: Summary) -> dict:
     """One SR per study among the DICOM breasts (a CBIS-DDSM breast, one study per view, is reported in each of
     its studies with that study's image), written with `tlese.predict.sr.write_sr`."""
-    import tlese
     from tlese.predict.sr import write_sr
+    from tlese.version import __version__
 
     studies: dict[str, list[tuple[str, Breast]]] = {}
     for breast in found.breasts:
@@ -493,13 +583,22 @@ def _write_srs(found: InputSet, results: dict, bundle: Any, out_dir: Path, salt:
         for uid in dict.fromkeys(image.study_uid for image in breast.images if image.source == "dicom"):
             if uid:
                 studies.setdefault(uid, []).append((key, breast))
+    # a study with a breast in an identity conflict gets no SR: it would be filed under one of the patients
+    in_conflict = [uid for uid, members in studies.items() if any(breast.conflicts for _, breast in members)]
+    for uid in in_conflict:
+        del studies[uid]
+    if in_conflict:
+        summary.notes.append(f"no SR for {len(in_conflict)} study(ies) with an identity conflict (see the refused "
+                             "breasts)")
     skipped = sum(1 for breast in found.breasts if all(image.source != "dicom" for image in breast.images))
     if skipped:
         summary.notes.append(f"no SR for {skipped} breast(s) without DICOM images (manifest PNG/JPEG)")
     card = getattr(bundle, "card", None) or {}
     model = getattr(bundle, "model_name", None) or (card.get("model") or {}).get("registry_name") or ""
-    algorithm = {"name": "tlese", "version": tlese.__version__, "bundle_sha256": bundle.sha256, "model": str(model)}
+    algorithm = {"name": "tlese", "version": __version__, "bundle_sha256": bundle.sha256, "model": str(model)}
     intended_use = str(getattr(bundle, "intended_use", None) or card.get("intended_use") or DEFAULT_INTENDED_USE)
+    about = bundle_provenance(bundle)
+    notices = [f"{SYNTHETIC_WARNING}; validated on: {about['validated_on']}"] if about["synthetic"] else []
     written, failed = {}, 0
     for uid, members in studies.items():
         sources, breast_results = [], []
@@ -520,7 +619,8 @@ def _write_srs(found: InputSet, results: dict, bundle: Any, out_dir: Path, salt:
         study_key = exam_key(salt, f"study|{uid}")
         path = out_dir / SR_DIR / f"{study_key}.dcm"
         try:
-            write_sr([image.path for image in sources], breast_results, algorithm, path, intended_use)
+            write_sr([image.path for image in sources], breast_results, algorithm, path, intended_use,
+                     notices=notices, synthetic=about["synthetic"])
             written[f"sr_{study_key}"] = str(path)
         except Exception:  # an SR that cannot be written never costs the predictions; no detail (may quote tags)
             failed += 1
@@ -565,10 +665,13 @@ def _write_aggregates(out_dir: Path, results: dict, bundle: Any, summary: Summar
              "refused_inputs_csv": out_dir / "refused_inputs.csv"}
     write_bytes_atomic(files["predictions_csv"], _csv_bytes(rows, columns))
     write_bytes_atomic(files["refused_inputs_csv"], _csv_bytes(summary.refused_inputs, ["input", "reason"]))
+    about = bundle_provenance(bundle)
     document = {"version": RESULT_VERSION,
                 "bundle": {"sha256": bundle.sha256, "class_names": classes, "views": bundle.views,
-                           "image_size": int(bundle.preprocess.size)},
-                "summary": {**summary.to_dict(), "files": {k: str(v) for k, v in {**summary.files, **files}.items()}},
+                           "image_size": int(bundle.preprocess.size), "views_read": list(bundle_views(bundle)[0]),
+                           **about, "warning": SYNTHETIC_WARNING if about["synthetic"] else None},
+                "summary": {**summary.to_dict(), "files": {k: _shown_path(v, out_dir)
+                                                           for k, v in {**summary.files, **files}.items()}},
                 "breasts": {result["exam_key"]: result for result in ordered},
                 "refused_inputs": summary.refused_inputs}
     _write_json(files["predictions_json"], document)
@@ -582,34 +685,41 @@ def _write_aggregates(out_dir: Path, results: dict, bundle: Any, summary: Summar
 def make_predictor(bundle: Any, runtime: str, workdir: Path | None = None, threads: int | None = None,
                    spinning: bool = True) -> Callable[[np.ndarray], dict]:
     """The function giving `predict_arrays`' dict for a model input: the bundle's own (torch), or the same
-    ensemble run under ONNX Runtime, each fold model exported to `workdir` (`tlese.predict.export`; the sessions hold
-    the models in memory, so `workdir` may be removed afterwards). threads / spinning: ONNX Runtime's intra-op
+    ensemble run under ONNX Runtime: from the bundle's own parity-checked ONNX files (`Bundle.onnx_predictor`) when
+    it carries them, else each fold model exported to `workdir` (`tlese.predict.export`; the sessions hold the models
+    in memory, so `workdir` may be removed afterwards). threads / spinning: ONNX Runtime's intra-op
     threads and busy-waiting (`OnnxModel`). Both are safe to call from several threads at once."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if runtime == "torch":
         return bundle.predict_arrays
+    own = getattr(bundle, "onnx_predictor", None)
+    if callable(own):  # the bundle's own ONNX files, parity-checked when it was made
+        predictor = own(threads=threads, spinning=spinning)
+        if predictor is not None:
+            return predictor
     try:
         from tlese.predict.export import OnnxModel, export_onnx
     except ImportError:
         raise ValueError("runtime 'onnx' is not available in this version: use runtime 'torch'") from None
-    from tlese.bundle.calibration import apply_temperature
+    from tlese.bundle.format import ensemble_outputs
 
     sessions = []
     for index, model in enumerate(bundle.models):
         path = export_onnx(model, Path(workdir) / f"model_{index}.onnx", image_size=int(bundle.preprocess.size),
                            views=bundle.views)
         sessions.append(OnnxModel(path, threads=threads, spinning=spinning))
+    calibration = (getattr(bundle, "meta", None) or {}).get("calibration")
+    ood_outputs = getattr(bundle, "ood_outputs", None)
 
     def predict_arrays(x: np.ndarray) -> dict[str, np.ndarray]:
-        # The ensemble as Bundle.predict_arrays combines it: mean softmax, temperature on the mean, disagreement =
-        # max over classes of the std over models.
+        # The ensemble combined exactly as Bundle.predict_arrays combines it (`ensemble_outputs`), plus the bundle's
+        # out-of-distribution outputs when it has an OOD model.
         logits = np.stack([session(np.ascontiguousarray(x, dtype=np.float32)) for session in sessions])
         logits = logits.astype(np.float64) - logits.max(axis=2, keepdims=True)
         per_model = np.exp(logits) / np.exp(logits).sum(axis=2, keepdims=True)
-        raw = per_model.mean(axis=0)
-        return {"raw": raw, "calibrated": apply_temperature(raw, float(bundle.temperature)), "per_model": per_model,
-                "disagreement": per_model.std(axis=0).max(axis=1)}
+        outputs = ensemble_outputs(per_model, calibration)
+        return {**outputs, **(ood_outputs(x) if callable(ood_outputs) else {})}
 
     return predict_arrays
 
@@ -639,23 +749,45 @@ def _cache_key(key: str, breast: Breast, bundle_sha256: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _load_previous(path: Path, cache_key: str, heatmaps: bool) -> dict | None:
-    """An earlier run's result for this breast when made from the same inputs and bundle (and with heatmaps, when
-    they are asked for now and their files are still there)."""
+def _load_previous(path: Path, cache_key: str, heatmaps: bool, salt: str) -> tuple[dict | None, str]:
+    """An earlier run's result for this breast when made from the same inputs and bundle, its seal intact (and with
+    heatmaps, when they are asked for now and their files are still there); with why not: "none", "stale",
+    "tampered" (unreadable, or the seal does not check: edited after it was written)."""
     if not path.is_file():
-        return None
+        return None, "none"
     try:
         result = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
+        return None, "tampered"
+    if not isinstance(result, dict) or not hmac.compare_digest(str(result.get("integrity", "")),
+                                                               _seal(result, salt)):
+        return None, "tampered"
     if result.get("cache_key") != cache_key or result.get("version") != RESULT_VERSION:
-        return None
+        return None, "stale"
     if heatmaps and result["verdict"] != "refused":
         maps = result.get("heatmaps")
         if not maps or not all((path.parent.parent / entry[kind]).is_file() for entry in maps.values()
                                for kind in ("overlay", "map")):
-            return None
-    return result
+            return None, "stale"
+    return result, "reused"
+
+
+def _seal(result: dict, salt: str) -> str:
+    """HMAC-SHA256 of a breast result (all but its "integrity" key, canonical JSON) under a key derived from the
+    run's salt: an edit of the file (a class, a probability) no longer matches."""
+    body = {key: value for key, value in result.items() if key != "integrity"}
+    key = hmac.new(salt.encode(), b"tlese breast result", hashlib.sha256).digest()
+    return hmac.new(key, json.dumps(body, sort_keys=True, allow_nan=False).encode(), hashlib.sha256).hexdigest()
+
+
+def _shown_path(path: str | Path, out_dir: Path) -> str:
+    """A written file as outputs name it: relative to the output folder, else its name alone (folders above may
+    carry identifiers)."""
+    path = Path(path)
+    try:
+        return path.relative_to(out_dir).as_posix()
+    except ValueError:
+        return path.name
 
 
 def _numpy(value) -> np.ndarray:
@@ -680,4 +812,5 @@ def _write_json(path: Path, document: dict) -> None:
 # Command line
 
 
-__all__ = ["OVERLAY_SENTENCE", "RUNTIMES", "Summary", "exam_key", "make_predictor", "map_to_original", "predict"]
+__all__ = ["DISAGREEMENT_THRESHOLD", "OVERLAY_SENTENCE", "RUNTIMES", "SYNTHETIC_WARNING", "Summary",
+           "bundle_provenance", "bundle_views", "exam_key", "make_predictor", "map_to_original", "predict"]

@@ -24,6 +24,7 @@ Coding Scheme Identification Sequence. Nothing here logs, prints or warns an ide
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import warnings
@@ -40,11 +41,15 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from tlese.files import write_bytes_atomic
+
 SCHEME = "99TLESE"
 VERDICTS = ("ok", "degraded", "refused")
 PREDICTED = hd.sr.CodedConcept("PREDICTED", SCHEME, "Predicted class")
 VERDICT = hd.sr.CodedConcept("VERDICT", SCHEME, "Algorithm verdict")
 _PROB_PREFIX = "Probability of "
+SYNTHETIC_DESCRIPTION = "SYNTHETIC-DATA MODEL - not for patient care"
+log = logging.getLogger(__name__)
 _LATERALITY = {"L": codes.SCT.Left, "R": codes.SCT.Right}
 # Type 2 attributes highdicom reads from the first evidence dataset without a default.
 _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
@@ -59,10 +64,11 @@ def _code(text: str, meaning: str) -> hd.sr.CodedConcept:
 @contextmanager
 def _quiet_highdicom() -> Iterator[None]:
     """Keep identifiers out of logs and warnings: highdicom's INFO log names the source UIDs, and its warnings may
-    quote header values (e.g. a one-component PatientName), so they are re-issued as one warning, text withheld."""
+    quote header values (e.g. a one-component PatientName, "text withheld"), so they are caught and only counted in
+    a DEBUG log line (a clinician's console stays quiet)."""
     logger = logging.getLogger("highdicom")
     level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
+    logger.setLevel(max(level, logging.ERROR))
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -71,8 +77,8 @@ def _quiet_highdicom() -> Iterator[None]:
         logger.setLevel(level)
     if caught:
         kinds = ", ".join(sorted({w.category.__name__ for w in caught}))
-        warnings.warn(f"{len(caught)} warning(s) ({kinds}) while writing the SR, text withheld: it may quote header "
-                      "values", stacklevel=3)
+        log.debug("%d warning(s) (%s) while writing an SR, text withheld: it may quote header values", len(caught),
+                  kinds)
 
 
 def _load(source: Dataset | str | Path) -> Dataset:
@@ -86,7 +92,8 @@ def _load(source: Dataset | str | Path) -> Dataset:
     return ds
 
 
-def _group(result: dict, algorithm_id: hd.sr.AlgorithmIdentification, sop_classes: dict[str, str]):
+def _group(result: dict, algorithm_id: hd.sr.AlgorithmIdentification, sop_classes: dict[str, str],
+           notices: Sequence[str] = ()):
     """The TID 1501 measurement group of one breast."""
     side, verdict = result["side"], result["verdict"]
     if side not in _LATERALITY or verdict not in VERDICTS:
@@ -115,7 +122,7 @@ def _group(result: dict, algorithm_id: hd.sr.AlgorithmIdentification, sop_classe
     )
     group[0].ContentSequence.extend(
         hd.sr.TextContentItem(name=codes.DCM.Comment, value=r, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-        for r in result.get("reasons", [])
+        for r in [*notices, *result.get("reasons", [])]
     )
     return group
 
@@ -127,12 +134,17 @@ def write_sr(
     out_path: str | Path,
     intended_use: str,
     series_number: int = 9901,
+    notices: Sequence[str] = (),
+    synthetic: bool = False,
 ) -> Path:
     """Write the exam's predictions (one `results` dict per breast) as a Comprehensive SR to `out_path`.
 
     `source_images`: the exam's images (datasets, pixels not needed, or paths), all of one study; every UID in a
     result's `sop_instance_uids` must be among them. `algorithm`: {"name", "version", "bundle_sha256", "model"}.
-    `intended_use`: the label put in the series description and in the algorithm parameters.
+    `intended_use`: the label put in the series description and in the algorithm parameters. `notices`: plain
+    sentences every breast's group carries first (e.g. that the model was trained on synthetic data); `synthetic`:
+    the series description says SYNTHETIC_DESCRIPTION instead. The file is written owner-readable only (0600): it
+    carries the patient module.
     """
     sources = [_load(s) for s in source_images]
     if not sources or not results:
@@ -157,9 +169,12 @@ def write_sr(
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=codes.SCT.Mammography,
-        imaging_measurements=[_group(r, algorithm_id, sop_classes) for r in sorted(results, key=lambda r: r["side"])],
+        imaging_measurements=[_group(r, algorithm_id, sop_classes, notices)
+                              for r in sorted(results, key=lambda r: r["side"])],
     )
-    description = f"{name} {intended_use}" if len(name) + len(intended_use) < 64 else intended_use
+    description = f"{name} {intended_use}" if len(name) + len(intended_use) < 64 else intended_use[:64]
+    if synthetic:
+        description = SYNTHETIC_DESCRIPTION
     with _quiet_highdicom():
         sr = hd.sr.ComprehensiveSR(
             evidence=sources, content=report[0],
@@ -169,9 +184,10 @@ def write_sr(
             series_description=description, is_complete=True,
             coding_schemes=[CodingSchemeIdentificationItem(SCHEME, name="tlese private codes")],
         )
-        out_path = Path(out_path)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        sr.save_as(out_path, enforce_file_format=True)
+        buffer = io.BytesIO()
+        sr.save_as(buffer, enforce_file_format=True)
+    out_path = Path(out_path)
+    write_bytes_atomic(out_path, buffer.getvalue(), mode=0o600)
     return out_path
 
 

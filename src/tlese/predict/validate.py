@@ -1,12 +1,14 @@
-"""`tlese evaluate BUNDLE --dataset NAME --root DIR --task T --out DIR`: a bundle on a labelled external set.
+"""`tlese evaluate BUNDLE --dataset NAME --root DIR [--task T] --out DIR`: a bundle on a labelled external set.
 
 How a site checks a model on its own data before use. The labelled table comes from the dataset adapter and its
-labels are encoded by the task, whose classes must be the bundle's, in the bundle's order (else `ValueError`). Every
-labelled image is then predicted through `tlese.predict.pipeline.predict`, the very path of `tlese predict` (same input
-grouping, same preprocessing, same verdicts); its per-breast results (`OUT/predict/breasts/*.json`) are joined back
-to the labelled breasts through the sha256 of their image files (`images[].sha256`), so no second preprocessing path
-exists. Breasts that predict refuses are counted with their reasons and left out of the metrics; degraded ones (one
-view) are kept and counted.
+labels are encoded by the task (default: the bundle's own task; else anything `tlese.data.tasks.resolve_task`
+takes), whose classes must be the bundle's, in the bundle's order (else `ValueError`). The adapter's table is the
+truth of side and view: it is written as a manifest CSV (`OUT/predict_inputs.csv`: patient, side, view, path) and
+every labelled image is predicted through it by `tlese.predict.pipeline.predict`, the very path of `tlese predict`
+(same preprocessing, same verdicts; a DICOM header that contradicts the table refuses the image), for DICOM and PNG
+sets alike. Its per-breast results (`OUT/predict/breasts/*.json`) are joined back to the labelled breasts through
+the sha256 of their image files (`images[].sha256`), so no second preprocessing path exists. Breasts that predict
+refuses are counted with their reasons and left out of the metrics; degraded ones (one view) are kept and counted.
 
 The report (`OUT/report.md`, `OUT/report.html`, `OUT/plots/`, `OUT/tables/`) is the one `merge` writes: metrics with
 patient-bootstrap CIs (per-class AUC / sensitivity / specificity included), ROC curves, confusion matrix, plus
@@ -26,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 PREDICT_DIR = "predict"
+MANIFEST_FILE = "predict_inputs.csv"
 TRAINING_OVERLAP_WARNING = ("the training patients of this bundle must not be in this evaluation set: a patient "
                             "the model was trained on makes these metrics optimistic")
 
@@ -36,6 +39,35 @@ def _check_classes(task: Any, bundle: Any) -> None:
         order = " (same classes, different order)" if sorted(classes) == sorted(expected) else ""
         raise ValueError(f"task {task.name!r} has classes {classes}, the bundle predicts {expected}{order}: an "
                          "external evaluation needs a task with the bundle's classes in the bundle's order")
+
+
+def _resolve_task(task: Any, bundle: Any):
+    """The task to encode labels with: the bundle's own when `task` is None, else what `resolve_task` accepts (a
+    registered name, a YAML file, an inline mapping; `get_task` while resolve_task is not there)."""
+    if task is None:
+        try:
+            return bundle.task
+        except (KeyError, AttributeError, TypeError, ValueError):
+            raise ValueError("the bundle records no task: give the task to evaluate with (--task)") from None
+    try:
+        from tlese.data.tasks import resolve_task
+    except ImportError:
+        from tlese.data.tasks import get_task as resolve_task
+    return resolve_task(task)
+
+
+def write_manifest(encoded: pd.DataFrame, path: Path) -> Path:
+    """The adapter's labelled images as a predict manifest (patient, side, view, path relative to the manifest's
+    folder), owner-readable only (it names the set's patients)."""
+    import os
+
+    from tlese.files import write_bytes_atomic
+
+    rows = encoded[["patient_id", "side", "view", "path"]].astype(str).drop_duplicates()
+    table = pd.DataFrame({"patient": rows["patient_id"], "side": rows["side"], "view": rows["view"],
+                          "path": [os.path.relpath(Path(p).resolve(), path.parent.resolve()) for p in rows["path"]]})
+    write_bytes_atomic(path, table.to_csv(index=False).encode(), mode=0o600)
+    return path
 
 
 def _labelled_breasts(encoded: pd.DataFrame) -> pd.DataFrame:
@@ -68,13 +100,13 @@ def _join(results: dict[str, dict], sha_to_breast: dict[str, tuple[str, str]]) -
 
 
 def evaluate_bundle(bundle: Any, dataset: str, root: str | Path, task: Any, out_dir: str | Path, n_boot: int = 1000,
-                    seed: int = 0) -> dict[str, Path]:
-    """Evaluate `bundle` (a loaded `Bundle` or its path) on the labelled set `dataset` at `root`, labels encoded by
-    `task` (name, mapping or Task), into `out_dir`. Returns the paths written: md, html, predictions_csv,
-    calibration_plot, raw_calibration_plot, evaluation_json, predict_dir."""
+                    seed: int = 0, *, trusted_keys: Any = None, allow_unsigned: bool = False) -> dict[str, Path]:
+    """Evaluate `bundle` (a loaded `Bundle`, or its path: loaded with `trusted_keys` / `allow_unsigned`) on the
+    labelled set `dataset` at `root`, labels encoded by `task` (None: the bundle's own; a name, YAML file, mapping or
+    Task), into `out_dir`. Returns the paths written: md, html, predictions_csv, calibration_plot,
+    raw_calibration_plot, evaluation_json, predict_dir, manifest."""
     from tlese.bundle.format import load_bundle
     from tlese.data.datasets import get_adapter
-    from tlese.data.tasks import get_task
     from tlese.evaluate.metrics import PRIMARY_METRIC, classification_metrics, prob_column
     from tlese.evaluate.report import PLOTS_DIR, plot_calibration, write_report
     from tlese.evaluate.tables import summary_table
@@ -83,8 +115,9 @@ def evaluate_bundle(bundle: Any, dataset: str, root: str | Path, task: Any, out_
     from tlese.provenance import environment_info
 
     if not hasattr(bundle, "predict_arrays"):
-        bundle = load_bundle(bundle)
-    task = get_task(task)
+        keys = {"trusted_keys": trusted_keys} if trusted_keys is not None else {}
+        bundle = load_bundle(bundle, **keys, **({"allow_unsigned": True} if allow_unsigned else {}))
+    task = _resolve_task(task, bundle)
     _check_classes(task, bundle)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,9 +132,10 @@ def evaluate_bundle(bundle: Any, dataset: str, root: str | Path, task: Any, out_
                      for path, patient, side in encoded[["path", "patient_id", "side"]].itertuples(index=False)}
     labelled = labelled.assign(patient_id=labelled["patient_id"].astype(str), side=labelled["side"].astype(str))
 
-    # The same path as `tlese predict`, on exactly the labelled images.
+    # The same path as `tlese predict`, on exactly the labelled images, with the adapter's side and view.
     predict_dir = out_dir / PREDICT_DIR
-    summary = predict(bundle, [Path(path) for path in encoded["path"]], predict_dir)
+    manifest = write_manifest(encoded, out_dir / MANIFEST_FILE)
+    summary = predict(bundle, [manifest], predict_dir)
     document = json.loads((predict_dir / "predictions.json").read_text())
     joined, join_notes = _join(document["breasts"], sha_to_breast)
 
@@ -210,11 +244,11 @@ def evaluate_bundle(bundle: Any, dataset: str, root: str | Path, task: Any, out_
     evaluation_json.write_text(json.dumps(evaluation, indent=1, default=float) + "\n")
     return {"md": Path(paths["md"]), "html": Path(paths["html"]), "predictions_csv": predictions_csv,
             "calibration_plot": calibration_plot, "raw_calibration_plot": raw_calibration_plot,
-            "evaluation_json": evaluation_json, "predict_dir": predict_dir}
+            "evaluation_json": evaluation_json, "predict_dir": predict_dir, "manifest": manifest}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 
 
-__all__ = ["TRAINING_OVERLAP_WARNING", "evaluate_bundle"]
+__all__ = ["MANIFEST_FILE", "TRAINING_OVERLAP_WARNING", "evaluate_bundle", "write_manifest"]

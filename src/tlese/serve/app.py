@@ -13,7 +13,15 @@ docs at /docs too: Swagger UI from `fastapi-offline`), so it works without any i
 
 Each request is predicted by `tlese.predict.pipeline.predict` (the path `tlese predict` takes: no second copy of
 pairing or preprocessing) into a per-request temporary folder, which holds the uploads too and is removed before the
-response goes out (on error and timeout too; a prediction that timed out removes it when it ends). Nothing outlives
+response goes out (on error and timeout too; a prediction that timed out removes it when it ends). The request
+folders live in the service's own area (`<state dir>/requests`, owner-only), which is emptied at start-up and on
+exit: the uploads of a service killed mid-request do not survive its restart.
+
+Every request has one deadline from its first byte (`Limits.request_timeout_s`, `DeadlineMiddleware`): a body that
+stops arriving is answered 408 and its connection closed. One client address holds at most
+`Limits.max_per_client` requests at once (429 beyond), all clients together `Limits.max_uploads` uploads (503);
+a request enters the prediction queue only once its body is in. A full disk is the server's fault: 507, never a 4xx.
+One log line per request (logger `tlese.serve`): its id, route, status, verdict counts and seconds. Nothing outlives
 a request but one line of the append-only audit log (JSON: time, request id, bundle hash, exam keys, verdicts,
 outputs; no identifier, no file name) and, when asked for, the SR in memory. Heatmaps and the CSV / JSON downloads
 are carried in the response itself (data: URIs).
@@ -27,17 +35,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import io
 import json
 import logging
 import os
 import re
 import secrets
+import shutil
 import tempfile
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -55,8 +65,17 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
-from tlese.predict.pipeline import OVERLAY_SENTENCE, predict
-from tlese.serve.uploads import Form, Limits, Prepared, ServiceError, prepare_inputs, receive_form
+from tlese.predict.pipeline import OVERLAY_SENTENCE, SYNTHETIC_WARNING, bundle_provenance, bundle_views, predict
+from tlese.serve.limits import Limits
+from tlese.serve.uploads import (
+    Form,
+    Prepared,
+    RequestDeadline,
+    ServiceError,
+    prepare_inputs,
+    receive_form,
+    storage_error,
+)
 
 log = logging.getLogger("tlese.serve")
 
@@ -65,10 +84,12 @@ SR_TTL_S = 15 * 60
 SR_MAX = 64
 AUDIT_FILE = "audit.jsonl"
 SALT_SUFFIX = ".salt"
+REQUESTS_DIR = "requests"  # the service's temporary area, under its state folder
+REQUEST_PREFIX = "tlese-serve-"  # every request folder (and ONNX work folder) in that area: what a clean-up removes
 VERDICT_WORDS = {
-    "ok": "Both views (CC and MLO) were usable.",
-    "degraded": "Only one view could be used: the result rests on half the evidence and is less reliable.",
-    "refused": "No prediction: no usable CC or MLO image for this breast.",
+    "ok": "Every view the model reads was usable.",
+    "degraded": "Less reliable: a view the model reads was missing, or the image is unlike the training images.",
+    "refused": "No prediction for this breast (see the reasons).",
 }
 SIDE_WORDS = {"L": "Left breast", "R": "Right breast"}
 
@@ -81,6 +102,19 @@ def default_state_dir() -> Path:
     """$XDG_STATE_HOME/tlese/serve (default ~/.local/state/tlese/serve): the audit log and the exam-key salt."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "tlese" / "serve"
+
+
+def clean_request_area(folder: Path) -> int:
+    """Remove every request folder (REQUEST_PREFIX*) left in `folder` (by a service killed mid-request, or at exit);
+    nothing else there is touched. Returns how many were removed."""
+    removed = 0
+    for path in Path(folder).glob(f"{REQUEST_PREFIX}*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def load_salt(path: Path) -> str:
@@ -212,22 +246,47 @@ class Service:
         self.bundle, self.limits, self.salt = bundle, limits, salt
         self.audit = AuditLog(audit_log)
         self.srs = SrStore()
-        self.tmp_dir = Path(tmp_dir) if tmp_dir is not None else None
-        if self.tmp_dir is not None:
-            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = Path(tmp_dir) if tmp_dir is not None else Path(audit_log).parent / REQUESTS_DIR
+        self.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        stale = clean_request_area(self.tmp_dir)
+        if stale:
+            log.warning("removed %d request folder(s) left by an earlier service (killed mid-request?)", stale)
         self.runtime = runtime
         if runtime == "torch":
             self.predictor = make_predictor(bundle, "torch")
         else:  # export once; the sessions hold the models, the files go at once
-            with tempfile.TemporaryDirectory(prefix="tlese-serve-onnx-", dir=self.tmp_dir) as work:
+            with tempfile.TemporaryDirectory(prefix=f"{REQUEST_PREFIX}onnx-", dir=self.tmp_dir) as work:
                 self.predictor = make_predictor(bundle, runtime, Path(work), threads=onnx_threads, spinning=False)
         self.lock = SharedExclusive()
         self.executor = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="tlese-predict")
         self._admitted = 0
+        self._open = 0
+        self._clients: Counter[str] = Counter()
         self._admission = threading.Condition()
         self.card = card_view(bundle)
 
-    # admission: at most workers + max_queue requests between their first byte and their answer
+    # entry: at most max_per_client requests of one address and max_uploads in all between first byte and answer
+
+    def enter(self, client: str) -> None:
+        with self._admission:
+            if self._clients[client] >= self.limits.max_per_client:
+                raise ServiceError(429, "too_many_requests", f"this address already has {self._clients[client]} "
+                                   "requests in progress (the limit per client); wait for their answers")
+            if self._open >= self.limits.max_uploads:
+                raise ServiceError(503, "busy", "the service is busy (too many uploads at once); try again in a "
+                                   "moment")
+            self._clients[client] += 1
+            self._open += 1
+
+    def leave(self, client: str) -> None:
+        with self._admission:
+            self._clients[client] -= 1
+            if self._clients[client] <= 0:
+                del self._clients[client]
+            self._open -= 1
+            self._admission.notify_all()
+
+    # admission: at most workers + max_queue received requests between their body's end and their answer
 
     def admit(self) -> None:
         with self._admission:
@@ -249,7 +308,7 @@ class Service:
         """Wait until no request is admitted (also those abandoned after a timeout); True when idle."""
         end = time.monotonic() + timeout
         with self._admission:
-            while self._admitted:
+            while self._admitted or self._open:
                 left = end - time.monotonic()
                 if left <= 0:
                     return False
@@ -257,23 +316,37 @@ class Service:
         return True
 
     def close(self) -> None:
+        """Stop the pool (running predictions end first) and empty the request area."""
         self.executor.shutdown(wait=True, cancel_futures=True)
+        clean_request_area(self.tmp_dir)
 
     # one request
 
     async def handle(self, request, *, heatmaps: bool, sr: bool) -> Outcome:
         """Receive, check, predict; ServiceError for every answer but a result."""
+        client = request.client.host if request.client else "unknown"
+        self.enter(client)
+        try:
+            return await self._handle(request, heatmaps=heatmaps, sr=sr)
+        finally:
+            self.leave(client)
+
+    async def _handle(self, request, *, heatmaps: bool, sr: bool) -> Outcome:
         started = time.monotonic()
-        deadline = started + self.limits.request_timeout_s
+        deadline = getattr(request.state, "deadline", None) or started + self.limits.request_timeout_s
         request_id = request.state.request_id
-        self.admit()
-        handed_over = False
+        handed_over = admitted = False
         folder = None
         try:
-            folder = tempfile.TemporaryDirectory(prefix="tlese-serve-", dir=self.tmp_dir)
+            try:
+                folder = tempfile.TemporaryDirectory(prefix=REQUEST_PREFIX, dir=self.tmp_dir)
+            except OSError as error:
+                raise storage_error(error) from None
             form = await receive_form(request, Path(folder.name), self.limits, deadline)
             heatmaps = _or(form.flag("heatmaps"), heatmaps)
             sr = _or(form.flag("sr"), sr)
+            self.admit()
+            admitted = True
             cancelled = threading.Event()
             future = self.executor.submit(self._job, request_id, form, folder, heatmaps, sr, cancelled)
             handed_over = True
@@ -298,7 +371,8 @@ class Service:
             if not handed_over:
                 if folder is not None:
                     folder.cleanup()
-                self.release()
+                if admitted:
+                    self.release()
 
     def _job(self, request_id: str, form: Form, folder: tempfile.TemporaryDirectory, heatmaps: bool, sr: bool,
              cancelled: threading.Event) -> Outcome:
@@ -310,7 +384,7 @@ class Service:
             out_dir = root / "out"
             with self.lock.exclusive() if heatmaps or sr else self.lock.shared():
                 predict(self.bundle, prepared.inputs, out_dir, salt=self.salt, heatmaps=heatmaps, sr=sr,
-                        predictor=self.predictor)
+                        predictor=self.predictor, label_root=root)
             document = _clean_document(json.loads((out_dir / "predictions.json").read_text()), prepared, root,
                                        out_dir)
             outcome = Outcome(request_id=request_id, document=document,
@@ -325,6 +399,8 @@ class Service:
         except ServiceError:
             raise
         except Exception as error:  # never the message: it may quote a header value
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise storage_error(error) from None  # a full disk while predicting: the server's fault
             log.error("request %s: prediction failed (%s)", request_id, type(error).__name__)
             raise ServiceError(500, "internal", f"the prediction failed ({type(error).__name__}); the service is "
                                "still up") from None
@@ -376,13 +452,19 @@ def _clean_document(document: dict, prepared: Prepared, root: Path, out_dir: Pat
     """predict's document for a client: the request folder's paths replaced by upload names (or dropped), the
     zip members refused by the upload checks added to the refused inputs."""
     manifest_row = re.compile(r"^(?P<csv>.*):(?P<line>\d+) \((?P<path>.*)\)$")
+    labels = {}  # predict names inputs relative to the request folder (label_root)
+    for path, name in prepared.labels.items():
+        try:
+            labels[Path(path).relative_to(root).as_posix()] = name
+        except ValueError:
+            labels[path] = name
 
     def label(text: str) -> str:
-        if text in prepared.labels:
-            return prepared.labels[text]
+        if text in labels:
+            return labels[text]
         match = manifest_row.match(text)
-        if match and match["csv"] in prepared.labels:
-            return prepared.labels.get(str(Path(match["csv"]).parent / match["path"]), f"image row {match['line']}")
+        if match and match["csv"] in labels:
+            return labels.get((Path(match["csv"]).parent / match["path"]).as_posix(), f"image row {match['line']}")
         return text.replace(str(root), "(upload)")  # never a server path
 
     refused = [{**entry, "input": label(entry["input"])} for entry in document.get("refused_inputs", [])]
@@ -497,7 +579,10 @@ def card_view(bundle: Any) -> dict:
     metrics = [{"metric": row.get("metric", "?"), "pooled": _number(row.get("pooled")),
                 "ci": f"{_number(row.get('ci_low'))} - {_number(row.get('ci_high'))}",
                 "mean": _number(row.get("mean"))} for row in cv.get("metrics") or []]
+    about = bundle_provenance(bundle)
     return {
+        "synthetic": about["synthetic"], "validated_on": about["validated_on"],
+        "synthetic_warning": SYNTHETIC_WARNING[:1].upper() + SYNTHETIC_WARNING[1:],
         "name": model.get("arm") or (meta.get("run") or {}).get("arm") or registry,
         "registry_name": registry,
         "version": (f"tlese {provenance.get('tlese', '?')}, bundle format {meta.get('format_version', '?')}"
@@ -521,6 +606,7 @@ def card_view(bundle: Any) -> dict:
 def breast_views(document: dict, images: dict, bundle: Any) -> list[dict]:
     """The breasts of a result in the page's terms: side words, verdict words, bars, views."""
     classes = list(bundle.class_names)
+    read, _ = bundle_views(bundle)
     shown = []
     for key, result in document["breasts"].items():
         probabilities = result.get("probabilities") or {}
@@ -530,7 +616,9 @@ def breast_views(document: dict, images: dict, bundle: Any) -> list[dict]:
             entries = [image for image in result["images"] if image["view"] == view]
             used = next((image for image in entries if image["used"]), None)
             why = "; ".join(dict.fromkeys(image["not_used_because"] for image in entries
-                                          if image.get("not_used_because"))) or "no image of this view uploaded"
+                                          if image.get("not_used_because"))) or (
+                "no image of this view uploaded" if view in read else f"this model reads {' and '.join(read)} "
+                                                                       "images only")
             views.append({"view": view, "used": used is not None, "why": None if used else why,
                           "picture": images.get(key, {}).get(view),
                           "duplicated": bundle.views == "dual" and used is None and result["verdict"] == "degraded"})
@@ -546,6 +634,8 @@ def breast_views(document: dict, images: dict, bundle: Any) -> list[dict]:
             "folds": len(per_model),
             "fold_predictions": [max(row, key=row.get) for row in per_model] if per_model else [],
             "views": views,
+            "ood_flag": bool(result.get("ood_flag")), "ood_score": result.get("ood_score"),
+            "ood_text": _number(result.get("ood_score")),
         })
     return shown
 
@@ -582,20 +672,23 @@ MULTIPART_SCHEMA = {
 
 def create_app(bundle: Any, limits: Limits | None = None, *, state_dir: str | Path | None = None,
                audit_log: str | Path | None = None, salt: str | None = None, tmp_dir: str | Path | None = None,
-               runtime: str = "torch", onnx_threads: int | None = None):
-    """The FastAPI app serving `bundle` (a loaded `Bundle`, or a path given to `load_bundle`, loaded and verified
-    once here).
+               runtime: str = "torch", onnx_threads: int | None = None, trusted_keys: Any = None,
+               allow_unsigned: bool = False):
+    """The FastAPI app serving `bundle` (a loaded `Bundle`, or a path given to `load_bundle` with `trusted_keys` /
+    `allow_unsigned`, loaded and verified once here).
 
-    limits: `tlese.serve.uploads.Limits` (defaults: safe for one exam per request). audit_log: the JSON-lines audit
+    limits: `tlese.serve.limits.Limits` (defaults: safe for one exam per request). audit_log: the JSON-lines audit
     file (default <state_dir>/audit.jsonl; state_dir default `default_state_dir()`); salt: the exam-key secret
-    (default: made once into <audit log>.salt beside the log). tmp_dir: where the per-request folders are made
-    (default the system's temporary folder). runtime: "torch" or "onnx" (exported once, at start)."""
-    import tlese
+    (default: made once into <audit log>.salt beside the log). tmp_dir: the service's own area for the per-request
+    folders (default <audit log's folder>/requests), emptied of request folders at start and on exit. runtime:
+    "torch" or "onnx" (exported once, at start)."""
+    from tlese.version import __version__
 
     if not hasattr(bundle, "predict_arrays"):
         from tlese.bundle.format import load_bundle
 
-        bundle = load_bundle(bundle)
+        options = {"trusted_keys": trusted_keys} if trusted_keys is not None else {}
+        bundle = load_bundle(bundle, **options, **({"allow_unsigned": True} if allow_unsigned else {}))
     limits = limits or Limits()
     state = Path(state_dir) if state_dir is not None else default_state_dir()
     audit_path = Path(audit_log) if audit_log is not None else state / AUDIT_FILE
@@ -610,7 +703,7 @@ def create_app(bundle: Any, limits: Limits | None = None, *, state_dir: str | Pa
         service.close()
 
     app = FastAPIOffline(
-        title="tlese serve", version=tlese.__version__, redoc_url=None, lifespan=lifespan,
+        title="tlese serve", version=__version__, redoc_url=None, lifespan=lifespan,
         description=f"Breast-cancer subtype from one exam's mammograms, by bundle {bundle.sha256[:12]}. Intended "
                     f"use: {service.card['intended_use']}.")
     app.state.service = service
@@ -621,8 +714,10 @@ def create_app(bundle: Any, limits: Limits | None = None, *, state_dir: str | Pa
         (400, "bad request: no file, empty file, unsafe zip, missing side/view"), (408, "upload too slow"),
         (413, "upload, file count, image dimensions or unzipped size over its limit"),
         (415, "not multipart, or a file that is not DICOM / PNG / JPEG / zip"),
-        (422, "truncated or unreadable DICOM / image"), (503, "busy"), (504, "timed out"))}
+        (422, "truncated or unreadable DICOM / image"), (429, "too many requests from this address at once"),
+        (503, "busy"), (504, "timed out"), (507, "the service's disk is full"))}
 
+    app.add_middleware(DeadlineMiddleware, timeout_s=lambda: service.limits.request_timeout_s)
     app.add_middleware(RequestIdMiddleware)
 
     def page(request: Request, template: str, status: int = 200, **context) -> HTMLResponse:
@@ -640,21 +735,28 @@ def create_app(bundle: Any, limits: Limits | None = None, *, state_dir: str | Pa
                 outcome = await service.handle(request, heatmaps=heatmaps, sr=sr)
             except ClientDisconnect:
                 raise ServiceError(400, "client_disconnected", "the upload was interrupted") from None
+            except RequestDeadline:
+                raise ServiceError(408, "upload_timeout", "the upload stalled: no complete body within the request "
+                                   f"timeout of {service.limits.request_timeout_s:g} s") from None
             except ServiceError:
                 raise
-            except Exception as unexpected:  # e.g. a full disk while receiving; the type only (see _job)
+            except OSError as unexpected:  # e.g. a full disk while receiving: the server's fault, never a 4xx
+                log.error("request %s: storage fault (%s)", request.state.request_id, type(unexpected).__name__)
+                raise storage_error(unexpected) from None
+            except Exception as unexpected:  # the type only (see _job)
                 log.error("request %s: failed (%s)", request.state.request_id, type(unexpected).__name__)
                 raise ServiceError(500, "internal", f"the request failed ({type(unexpected).__name__}); the service "
                                    "is still up") from None
         except ServiceError as error:
-            log.info("request %s: %d %s", request.state.request_id, error.status, error.code)
-            service.audit_record(request.state.request_id, route, error.status, time.monotonic() - started,
+            seconds = time.monotonic() - started
+            log.info("request %s %s: status %d (%s), verdicts ok=0 degraded=0 refused=0, %.2f s",
+                     request.state.request_id, route, error.status, error.code, seconds)
+            service.audit_record(request.state.request_id, route, error.status, seconds,
                                  error=error, options={"heatmaps": heatmaps, "sr": sr})
             return None, error
         summary = outcome.document.get("summary", {})
-        log.info("request %s: 200, %s breasts (%s ok, %s degraded, %s refused) in %.2f s", request.state.request_id,
-                 summary.get("breasts"), summary.get("ok"), summary.get("degraded"), summary.get("refused"),
-                 outcome.seconds)
+        log.info("request %s %s: status 200, verdicts ok=%s degraded=%s refused=%s, %.2f s", request.state.request_id,
+                 route, summary.get("ok"), summary.get("degraded"), summary.get("refused"), outcome.seconds)
         service.audit_record(request.state.request_id, route, 200, outcome.seconds, outcome=outcome,
                              options=outcome.options)
         return outcome, None
@@ -710,7 +812,7 @@ def create_app(bundle: Any, limits: Limits | None = None, *, state_dir: str | Pa
                        "image_size": int(bundle.preprocess.size), "folds": list(getattr(bundle, "folds", []) or []),
                        "intended_use": service.card["intended_use"]},
             "card": getattr(bundle, "card", None) or {}, "limits": limits.to_dict(),
-            "service": {"tlese": tlese.__version__, "runtime": service.runtime}}, headers=API_HEADERS)
+            "service": {"tlese": __version__, "runtime": service.runtime}}, headers=API_HEADERS)
 
     @app.get("/api/v1/sr/{token}", summary="Download an SR made by a request with sr=true",
              responses={404: {"description": "unknown or expired token"}})
@@ -747,6 +849,40 @@ def _json_bytes(document: dict) -> bytes:
     return (json.dumps(document, indent=1, allow_nan=False) + "\n").encode()
 
 
+class DeadlineMiddleware:
+    """One deadline per HTTP request, from its first byte (`timeout_s()` seconds): `request.state.deadline`
+    (time.monotonic()), and the request body read through a `receive` that waits no longer than what is left
+    (RequestDeadline after), so a client that stops sending mid-body cannot hold a slot past it. Once the body is in,
+    `receive` is passed through untouched. Plain ASGI: bodies stream through."""
+
+    def __init__(self, app, timeout_s):
+        self.app, self.timeout_s = app, timeout_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        deadline = time.monotonic() + float(self.timeout_s())
+        scope.setdefault("state", {})["deadline"] = deadline
+        body_done = False
+
+        async def receive_by_deadline():
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RequestDeadline
+            try:
+                message = await asyncio.wait_for(receive(), left)
+            except TimeoutError:
+                raise RequestDeadline from None
+            if message.get("type") != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        await self.app(scope, receive_by_deadline, send)
+
+
 class RequestIdMiddleware:
     """A random id per request (request.state.request_id, the X-Request-ID header): what the audit log and the
     service's log lines are keyed by. Plain ASGI, so request bodies stream through untouched."""
@@ -769,5 +905,6 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-__all__ = ["AuditLog", "Limits", "Outcome", "Service", "ServiceError", "SharedExclusive", "SrStore", "breast_views",
-           "card_view", "create_app", "default_state_dir", "jet_layer", "load_salt"]
+__all__ = ["AuditLog", "DeadlineMiddleware", "Limits", "Outcome", "Service", "ServiceError", "SharedExclusive",
+           "SrStore", "breast_views", "card_view", "clean_request_area", "create_app", "default_state_dir", "jet_layer",
+           "load_salt"]

@@ -11,16 +11,18 @@ def register(subparsers) -> None:
 
 
 def register_serve(subparsers) -> None:
-    """Add the ``serve`` command."""
-    from tlese.serve.uploads import Limits
+    """Add the ``serve`` command (reads the limits' defaults only: the web stack is imported when it runs)."""
+    from tlese.serve.limits import Limits
 
     defaults = Limits()
     parser = subparsers.add_parser(
         "serve", help="a local web page and JSON API serving one bundle (FastAPI + uvicorn, no internet needed)",
         description="Load the bundle once (verified) and serve it: the upload page at /, POST /api/v1/predict (the "
         "JSON of `tlese predict`), GET /api/v1/model (the model card), /healthz, /docs. Uploads live in a "
-        "per-request temporary folder removed before the answer goes out; the only file written is the "
-        "append-only audit log (no identifiers), with the exam-key salt beside it. No authentication and no TLS: "
+        "per-request folder of the service's own area (STATE_DIR/requests, emptied at start and exit) removed "
+        "before the answer goes out; the only file kept is the append-only audit log (no identifiers), with the "
+        "exam-key salt beside it. Each request has one deadline from its first byte (a stalled upload is closed) "
+        "and one client address at most --max-per-client requests at once. No authentication and no TLS: "
         "keep it on 127.0.0.1, or put it behind the site's reverse proxy.",
     )
     parser.add_argument("bundle", type=Path, help="model bundle (tlese.bundle.format)")
@@ -51,36 +53,73 @@ def register_serve(subparsers) -> None:
                         help=f"all zip members of a request together, MB (default "
                              f"{defaults.max_unzipped_bytes // 2**20}; 413 above)")
     parser.add_argument("--timeout", type=float, default=defaults.request_timeout_s,
-                        help=f"seconds for upload + prediction (default {defaults.request_timeout_s:g}; 408 / 504)")
+                        help=f"seconds for the whole request from its first byte, upload + prediction (default "
+                             f"{defaults.request_timeout_s:g}; 408 while uploading, 504 after)")
+    parser.add_argument("--max-per-client", type=int, default=defaults.max_per_client,
+                        help=f"requests of one client address at once, uploads included (default "
+                             f"{defaults.max_per_client}; 429 above). Behind a reverse proxy every client has the "
+                             "proxy's address: limit per client there")
+    parser.add_argument("--trusted-keys", type=Path, default=None,
+                        help="folder of trusted public keys (*.pub) the bundle's signature must verify against "
+                             "(default $TLESE_TRUSTED_KEYS, else ~/.config/tlese/trusted_keys)")
+    parser.add_argument("--allow-unsigned", action="store_true",
+                        help="serve a bundle without a valid signature (the page and the model card say so)")
     parser.add_argument("--runtime", default="torch", help="inference runtime: torch (default) or onnx (exported "
                         "once at start)")
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     parser.set_defaults(func=cmd_serve)
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """ValueError (one line: the option and the fix) for options that cannot work, before anything is loaded."""
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: a TCP port is 1 to 65535 (default 8000)")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: give at least 1 (or leave it out: 2, or 1 on a one-core "
+                         "machine)")
+    if args.state_dir is not None and args.state_dir.exists() and not args.state_dir.is_dir():
+        raise ValueError(f"--state-dir {args.state_dir}: is a file, not a folder; give a folder (made if missing)")
+    if args.trusted_keys is not None and not args.trusted_keys.exists():
+        raise ValueError(f"--trusted-keys {args.trusted_keys}: not found; give the folder of trusted *.pub keys")
+    if args.audit_log is not None and args.audit_log.is_dir():
+        raise ValueError(f"--audit-log {args.audit_log}: is a folder; give a file name for the audit log")
+    if args.state_dir is not None:
+        try:
+            args.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"--state-dir {args.state_dir}: cannot be made ({error.strerror}); give a folder you "
+                             "can write") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Load the bundle, build the app, run uvicorn until interrupted."""
+    """Check the options, load the bundle, build the app, run uvicorn until interrupted."""
     import logging
     import os
     import warnings
+
+    from tlese.serve.limits import Limits
+
+    check_options(args)
+    cores = os.cpu_count() or 1
+    workers = args.workers or (2 if cores >= 2 else 1)
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_files=args.max_files,
+                    max_pixels=args.max_pixels, max_unzipped_bytes=int(args.max_unzipped_mb * 2**20),
+                    request_timeout_s=args.timeout, workers=workers, max_queue=args.queue,
+                    max_per_client=args.max_per_client)
 
     import torch
     import uvicorn
 
     from tlese.bundle.format import load_bundle
     from tlese.serve.app import create_app
-    from tlese.serve.uploads import Limits
 
-    cores = os.cpu_count() or 1
-    workers = args.workers or (2 if cores >= 2 else 1)
-    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_files=args.max_files,
-                    max_pixels=args.max_pixels, max_unzipped_bytes=int(args.max_unzipped_mb * 2**20),
-                    request_timeout_s=args.timeout, workers=workers, max_queue=args.queue)
     # One intra-op thread per worker and core: workers side by side use the cores without oversubscribing them.
     threads = max(1, cores // workers)
     torch.set_num_threads(threads)
     _withhold_header_text(logging, warnings)
-    bundle = load_bundle(args.bundle)
+    _log_requests(logging, args.log_level)
+    options = {"trusted_keys": args.trusted_keys} if args.trusted_keys is not None else {}
+    bundle = load_bundle(args.bundle, **options, **({"allow_unsigned": True} if args.allow_unsigned else {}))
     app = create_app(bundle, limits, state_dir=args.state_dir, audit_log=args.audit_log, salt=args.salt,
                      runtime=args.runtime, onnx_threads=threads)
     service = app.state.service
@@ -91,8 +130,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print("  WARNING: listening beyond this machine without authentication or TLS; put it behind the site's "
               "reverse proxy", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    if not getattr(bundle, "signed", True):
+        print(f"  WARNING: the bundle is not signed by a trusted key ({getattr(bundle, 'signature_status', '')}); "
+              "served because of --allow-unsigned", flush=True)
+    # Idle keep-alive connections go after 5 s; beyond max_uploads + room for page and health requests, uvicorn
+    # answers 503 itself. A request body's deadline is the app's (DeadlineMiddleware).
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30,
+                timeout_keep_alive=5, limit_concurrency=limits.max_uploads + 32)
     return 0
+
+
+def _log_requests(logging, level: str) -> None:
+    """The service's own log lines (one per request: id, route, status, verdict counts, seconds) on stderr."""
+    logger = logging.getLogger("tlese.serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s tlese.serve %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(getattr(logging, str(level).upper(), logging.INFO))
+    logger.propagate = False
 
 
 def _withhold_header_text(logging, warnings) -> None:

@@ -1,8 +1,10 @@
 """Uploads for `tlese serve`: the request limits, a streaming multipart reader that writes into the request's own
 folder, and the checks every uploaded file passes before `predict` sees it.
 
-Every check reads headers only: content is sniffed (DICOM preamble `DICM` at byte 128 or a bare DICOM header, PNG /
-JPEG / zip magic), never taken from the file name or the declared content type; image sizes come from the DICOM
+Every check reads headers only: content is sniffed from the first bytes (`DICM` at byte 128 followed by a plausible
+file meta group, or a bare DICOM data set that starts plausibly: `tlese.predict.inputs.looks_like_bare_dicom`; PNG /
+JPEG / zip magic), never taken from the file name or the declared content type, and before any parser runs (a body
+of zeros is refused from its first bytes); image sizes come from the DICOM
 Rows / Columns / NumberOfFrames or the PNG / JPEG header before anything is decoded (decompression bombs); a DICOM's
 pixel data must be complete (a truncated transfer is the sender's to repeat). Zip archives are opened with
 `tlese.predict.inputs.safe_extract_zip` (no traversal, links, bombs) and their members checked like uploads.
@@ -15,15 +17,17 @@ error: they are listed as refused inputs, as `tlese predict` lists them in a fol
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import re
 import struct
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tlese.predict.inputs import UnsafeArchiveError, safe_extract_zip
+from tlese.predict.inputs import UnsafeArchiveError, looks_like_bare_dicom, safe_extract_zip
+from tlese.serve.limits import Limits
 from tlese.vocab import Side, view_code
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,40 +41,26 @@ FIELDS = ("side", "view", "heatmaps", "sr")
 CHUNK = 2**20
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one request may hold and take; the defaults fit one mammography exam with room to spare.
-
-    max_upload_bytes: the request body (413); max_files: images per request, zip members included (413);
-    max_pixels: Rows x Columns x frames of one image, read from its header before decoding (413);
-    max_unzipped_bytes: all members of the request's zips together (413); request_timeout_s: upload plus
-    prediction (408 while uploading, 504 after); workers: requests predicted at once (threads, one model in memory);
-    max_queue: admitted requests waiting for a worker beyond those (503 when full).
-    """
-
-    max_upload_bytes: int = 512 * 2**20
-    max_files: int = 32
-    max_pixels: int = 60_000_000
-    max_unzipped_bytes: int = 2**30
-    request_timeout_s: float = 120.0
-    workers: int = 2
-    max_queue: int = 16
-
-    def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if not value > 0 and not (name == "max_queue" and value == 0):
-                raise ValueError(f"limit {name} must be positive, got {value!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 class ServiceError(Exception):
     """A request answered with an HTTP error: `status` (4xx / 5xx), a short `code` and a plain-words `detail`."""
 
     def __init__(self, status: int, code: str, detail: str):
         super().__init__(detail)
         self.status, self.code, self.detail = status, code, detail
+
+
+class RequestDeadline(Exception):
+    """The request's deadline (from its first byte) passed while its body was still being awaited."""
+
+
+def storage_error(error: OSError) -> ServiceError:
+    """A server-side storage fault as the client's answer: 507 for a full disk or quota, 503 otherwise (never a 4xx:
+    the upload was not at fault)."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ServiceError(507, "insufficient_storage", "the service has no room left for the upload (its disk is "
+                            "full); the upload was fine: try again later and tell the service's operator")
+    return ServiceError(503, "storage_unavailable", "the service cannot store the upload right now "
+                        f"({errno.errorcode.get(error.errno or 0, 'I/O error')}); try again later")
 
 
 @dataclass
@@ -221,16 +211,24 @@ async def receive_form(request, folder: Path, limits: Limits, deadline: float) -
                 parser.write(chunk)
             except ServiceError:
                 raise
+            except OSError as error:  # writing the upload: a full disk is the server's fault
+                raise storage_error(error) from None
             except Exception:  # python-multipart's parse errors
                 raise ServiceError(400, "bad_multipart", "the form data is malformed") from None
         try:
             parser.finalize()
         except Exception:
             raise ServiceError(400, "bad_multipart", "the form data is malformed or incomplete") from None
+    except RequestDeadline:
+        raise ServiceError(408, "upload_timeout", "the upload stalled: no complete body within the request timeout "
+                           f"of {limits.request_timeout_s:g} s; the connection is closed") from None
     finally:
         handle = part.pop("handle", None)
         if handle is not None:
-            handle.close()
+            try:
+                handle.close()
+            except OSError:  # the flush of a full disk: answered above
+                pass
     if not form.files:
         raise ServiceError(400, "no_files", "no file uploaded: send the exam's images in the field 'files'")
     return form
@@ -245,31 +243,22 @@ def _mb(size: int) -> str:
 
 
 def sniff(path: Path) -> str | None:
-    """'dicom', 'png', 'jpeg' or 'zip' from the file's first bytes (a DICOM without its 128-byte preamble when it
-    starts with a group 0002 / 0008 element and parses with Rows and Columns), else None."""
+    """'dicom', 'png', 'jpeg' or 'zip' from the file's first 4 KB alone (no parser runs): a DICOM has `DICM` at byte
+    128 followed by plausible file meta elements, or starts as a plausible bare data set (`looks_like_bare_dicom`);
+    else None."""
     with open(path, "rb") as handle:
-        head = handle.read(132)
+        head = handle.read(4096)
     if head[128:132] == b"DICM":
-        return "dicom"
+        return "dicom" if looks_like_bare_dicom(head[132:]) else None
     if head.startswith(PNG_MAGIC):
         return "png"
     if head.startswith(JPEG_MAGIC):
         return "jpeg"
     if head.startswith(ZIP_MAGICS):
         return "zip"
-    if head[:2] in (b"\x02\x00", b"\x08\x00") and _bare_dicom_image(path):
+    if looks_like_bare_dicom(head):
         return "dicom"
     return None
-
-
-def _bare_dicom_image(path: Path) -> bool:
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        return "Rows" in ds and "Columns" in ds
-    except Exception:  # anything pydicom cannot parse is not a DICOM
-        return False
 
 
 def check_dicom(path: Path, name: str, limits: Limits) -> str | None:
@@ -476,5 +465,5 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-__all__ = ["Form", "Limits", "Prepared", "ServiceError", "Upload", "check_dicom", "check_picture", "prepare_inputs",
-           "receive_form", "sniff"]
+__all__ = ["Form", "Limits", "Prepared", "RequestDeadline", "ServiceError", "Upload", "check_dicom", "check_picture",
+           "prepare_inputs", "receive_form", "sniff", "storage_error"]

@@ -13,6 +13,9 @@ from typing import Any
 
 import yaml
 
+from tlese.data.preprocess import DEFAULT_IMAGE_SIZE
+from tlese.files import write_text_atomic
+
 
 @dataclass(frozen=True)
 class Transfer:
@@ -132,7 +135,7 @@ class Experiment:
     seed: int = 0
     output_dir: str = "runs"
     cache_dir: str = ".cache/tlese"
-    image_size: int = 256
+    image_size: int = DEFAULT_IMAGE_SIZE  # model input side in pixels
     # Preprocessing parameters beyond size and modality (tlese.data.preprocess.PreprocessParams.build's keys); the
     # same section and rule serve `tlese prepare --param KEY=VALUE` and, through the bundle, prediction.
     preprocess: dict[str, Any] = field(default_factory=dict)
@@ -166,6 +169,11 @@ class Experiment:
         names = [arm.name for arm in self.arms]
         if len(set(names)) != len(names):
             raise ConfigError(f"arms: names must be unique, got {names}")
+        from tlese.train.rundir import RESERVED_ARM_NAMES
+
+        reserved = sorted(set(names) & RESERVED_ARM_NAMES)
+        if reserved:
+            raise ConfigError(f"arms: {reserved} is a folder of the run, not an arm name; rename the arm")
         for index, arm in enumerate(self.arms):
             arm.validate(f"arms[{index}]")
         self.cxr_recipe.validate("cxr_recipe")
@@ -253,8 +261,19 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         cursor = nested
         for key in keys[:-1]:
             cursor = cursor.setdefault(key, {})
-        cursor[keys[-1]] = yaml.safe_load(raw)
+        cursor[keys[-1]] = _yaml(raw, f"--set {item}")
     return nested
+
+
+def _yaml(text: str, where: str) -> Any:
+    """YAML text parsed, a syntax error raised as a ConfigError naming `where` and the line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(f"{where}: YAML syntax error{at}: {problem}") from None
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -280,7 +299,7 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: experiment file not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _yaml(path.read_text(), str(path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = _merge(data, _resolve_paths(loaded, path.parent))
@@ -308,4 +327,5 @@ def _resolve_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 
 def dump_experiment(experiment: Experiment, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(experiment.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML, atomically (a full disk leaves the old file or none, never half)."""
+    write_text_atomic(path, yaml.safe_dump(experiment.to_dict(), sort_keys=False))

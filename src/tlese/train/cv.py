@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from tlese.files import write_text_atomic
 from tlese.train import engine
 from tlese.train.config import Arm, Experiment, dump_experiment, load_experiment
 from tlese.train.data import PreparedData, make_dataset, prepare
@@ -30,11 +29,15 @@ from tlese.train.rundir import (
     FoldDir,
     RunDir,
     StaleRunError,
+    assert_no_leakage,
     differences,
     fingerprint,
-    write_json_atomic,
+    naming_failed_writes,
+    save_json,
+    save_text,
 )
-from tlese.train.stages import arm_settings, fold_tables, initial_model, settings, stage1_made_from
+from tlese.train.stages import arm_settings, fold_tables, initial_model, model_spec, settings, stage1_made_from
+from tlese.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +111,8 @@ def _settle_config(experiment: Experiment, run: RunDir, force: bool) -> None:
     record the new ones) and add arms that are new. The config that finished folds came from is never rewritten."""
     current = experiment.to_dict()
     if not run.config_file.is_file():
-        dump_experiment(experiment, run.config_file)
+        with naming_failed_writes(run.config_file):
+            dump_experiment(experiment, run.config_file)
         return
     recorded = yaml.safe_load(run.config_file.read_text())
     changed = differences(_comparable(recorded), _comparable(current))
@@ -130,7 +134,7 @@ def _settle_config(experiment: Experiment, run: RunDir, force: bool) -> None:
             return
         merged = {**recorded, "arms": [*recorded["arms"], *new_arms],
                   "repeats": max(current["repeats"], recorded.get("repeats", 1))}
-    write_text_atomic(run.config_file, yaml.safe_dump(merged, sort_keys=False))
+    save_text(run.config_file, yaml.safe_dump(merged, sort_keys=False))
 
 
 def _folds_for(experiment: Experiment, run: RunDir, data: PreparedData) -> pd.DataFrame:
@@ -165,7 +169,7 @@ def setup_run(experiment: Experiment, force: bool = False) -> tuple[Path, Prepar
     run.path.mkdir(parents=True, exist_ok=True)
     _settle_config(experiment, run, force)
     if not run.environment_file.is_file():  # each fold job records its own; this is the run's first
-        write_json_atomic(run.environment_file, {**environment_info(), "seed": experiment.seed})
+        save_json(run.environment_file, {**environment_info(), "seed": experiment.seed})
 
     return run.path, prepare(experiment.target, experiment)
 
@@ -197,10 +201,8 @@ def folds_fingerprint(folds: pd.DataFrame) -> str:
 def fold_made_from(experiment: Experiment, arm: Arm, data: PreparedData, folds: pd.DataFrame,
                    stage1: dict | None) -> dict:
     """Everything one fold's predictions are computed from (compared before the fold is reused)."""
-    import tlese
-
     target = experiment.target
-    return {"tlese": tlese.__version__, "arm": arm_settings(arm), "seed": experiment.seed,
+    return {"tlese": __version__, "arm": arm_settings(arm), "seed": experiment.seed,
             "image_size": experiment.image_size, "in_chans": experiment.in_chans, "views": experiment.views,
             "fusion": experiment.fusion,
             "data": {"adapter": target.adapter, "task": target.task, "options": target.options,
@@ -260,18 +262,8 @@ def breast_level(image_predictions: pd.DataFrame, class_names) -> pd.DataFrame:
     return fused[["fold", "patient_id", "side", "view", "target", "pred", *columns]]
 
 
-def assert_no_leakage(split: pd.DataFrame, where: str) -> None:
-    """No patient of the test fold may be in the training or validation data of that fold."""
-    test = set(split.loc[split["role"] == "test", "patient_id"])
-    seen = set(split.loc[split["role"] != "test", "patient_id"])
-    leaked = test & seen
-    if leaked:
-        raise AssertionError(f"{where}: {len(leaked)} test patient(s) also in training/validation, "
-                             f"e.g. {sorted(leaked)[:3]}")
-
-
 def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    write_text_atomic(path, frame.to_csv(index=False))
+    save_text(path, frame.to_csv(index=False))
 
 
 def run_fold(experiment: Experiment, arm: Arm, fold: int, data: PreparedData, folds: pd.DataFrame, run_dir: Path,
@@ -318,9 +310,10 @@ def _train_and_predict(experiment: Experiment, arm: Arm, arm_dir: ArmDir, fold_d
     model, init = initial_model(arm, experiment, data.num_classes, arm_dir, seed=seed, force=force,
                                 cxr_data=cxr_data)
     modality, views = data.task.modality, experiment.views
+    spec = model_spec(arm, experiment, data, views)  # what this fold trains: recorded, never recomputed later
     result = engine.fit(model, make_dataset(train, views, modality, train=True, recipe=recipe, seed=seed),
                         make_dataset(val, views, modality, train=False, recipe=recipe),
-                        recipe, fold_dir.path, num_classes=data.num_classes, seed=seed)
+                        recipe, fold_dir.path, num_classes=data.num_classes, seed=seed, spec=spec)
     if not _is_global_zero():
         return
     engine.load_trained_weights(model, fold_dir.best_checkpoint())
@@ -340,9 +333,9 @@ def _train_and_predict(experiment: Experiment, arm: Arm, arm_dir: ArmDir, fold_d
         _write_csv_atomic(breast_predictions, fold_dir.breast_predictions_file)
     _write_csv_atomic(image_predictions, fold_dir.image_predictions_file)
     # The record is written last: a fold counts as predicted only once it exists (see FoldDir.is_predicted).
-    write_json_atomic(fold_dir.record_file, {
+    save_json(fold_dir.record_file, {
         "arm": arm.name, "model": arm.model, "transfer": arm.transfer, "repeat": arm_dir.repeat, "fold": fold,
-        "seed": seed,
+        "seed": seed, "model_spec": spec.to_dict(),
         "made_from": fingerprint(made_from), "init": init.to_dict(),
         "train_patients": int(train["patient_id"].nunique()), "val_patients": int(val["patient_id"].nunique()),
         "test_patients": int(test["patient_id"].nunique()), "train_images": len(train), "val_images": len(val),
@@ -379,9 +372,7 @@ def run_cv(experiment: Experiment, arms: list[str] | None = None, fold: int | No
     repeats = range(experiment.repeats) if repeat is None else [repeat]
     planned = [(index, *repeat_folds(experiment, run, data, index)) for index in repeats]
     cxr_data = prepare(experiment.cxr, experiment) if any(engine_uses_cxr(arm) for arm in chosen) else None
-    # Jobs of other repeats and arms write notes too: keep theirs.
-    notes = run.notes() + data.notes + (cxr_data.notes if cxr_data else [])
-    write_json_atomic(run.notes_file, list(dict.fromkeys(notes)))
+    run.add_notes(data.notes + (cxr_data.notes if cxr_data else []))  # merged with other jobs' notes, under a lock
     for index, repeated, folds in planned:
         fold_ids = sorted(folds["fold"].unique()) if fold is None else [fold]
         if not resume:  # retrain the chosen folds, and stage 1 only when all its folds are retrained (not per job)

@@ -56,11 +56,13 @@ class PreparedData:
         return self.table[~is_val].reset_index(drop=True), self.table[is_val].reset_index(drop=True)
 
 
-def prepare(source: DataSource, experiment: Experiment) -> PreparedData:
-    """Read the source with its adapter, encode the task's labels, prepare every image once (cached)."""
+def prepare(source: DataSource, experiment: Experiment, preprocess: dict | None = None) -> PreparedData:
+    """Read the source with its adapter, encode the task's labels, prepare every image once (cached).
+
+    The images are prepared with the experiment's `image_size` and `preprocess` section, or with `preprocess` (a
+    recorded `PreprocessParams.to_dict()`, e.g. a trained model's spec) when given."""
     from tlese.data.cache import prepare_table
-    from tlese.data.datasets import get_adapter
-    from tlese.data.datasets._common import format_skipped
+    from tlese.data.datasets import format_skipped, get_adapter
     from tlese.data.preprocess import PreprocessParams
     from tlese.data.tasks import get_task
 
@@ -74,7 +76,13 @@ def prepare(source: DataSource, experiment: Experiment) -> PreparedData:
                     source.adapter, len(skipped), *skipped[0])
     table, encode_report = task.encode(table)
     notes.append(f"{task.name}: {encode_report}")
-    params = PreprocessParams.build(experiment.image_size, task.modality, experiment.preprocess)
+    if preprocess is None:
+        params = PreprocessParams.build(experiment.image_size, task.modality, experiment.preprocess)
+    else:
+        params = PreprocessParams.from_dict(preprocess)
+        if params.modality != task.modality:
+            raise ValueError(f"{source.root}: task {task.name} is {task.modality}, but the recorded preprocessing is "
+                             f"for {params.modality}")
     # A progress bar only on a terminal: in a cluster log it would be thousands of redrawn frames.
     table, summary = prepare_table(table, params, Path(experiment.cache_dir), workers=experiment.prepare_workers,
                                    progress=sys.stderr.isatty(), root=source.root)

@@ -3,11 +3,14 @@
 Lightning gives us, well tested: DDP on one or many nodes (`strategy="ddp"`, or torchrun), mixed precision, checkpoints
 and resume, early stopping, CSV/TensorBoard logs and the progress bar. What is ours: the classification module, the
 warm-up + cosine schedule, class balancing, epoch-seeded sampling (resumed == uninterrupted), and the rule that model
-selection only ever sees the internal validation split.
+selection only ever sees the internal validation split. Every checkpoint carries the spec of the model it holds
+(`tlese.models.spec.CHECKPOINT_KEY`) and is written atomically: a full disk leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import math
 import os
@@ -22,12 +25,14 @@ import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tlese.files import sha256_file, write_json_atomic
+from tlese.files import sha256_file
+from tlese.models.spec import CHECKPOINT_KEY, ModelSpec
 from tlese.train.config import Recipe
-from tlese.train.rundir import StageDir
+from tlese.train.rundir import StageDir, save_bytes, save_json
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +93,20 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 class ClassificationModule(pl.LightningModule):
     """Cross-entropy classification of any `tlese` model; logs loss, accuracy and macro AUC."""
 
-    def __init__(self, model: nn.Module, num_classes: int, recipe: Recipe, class_weights: torch.Tensor | None):
+    def __init__(self, model: nn.Module, num_classes: int, recipe: Recipe, class_weights: torch.Tensor | None,
+                 spec: ModelSpec | None = None):
         super().__init__()
         self.model = model
         self.num_classes = num_classes
         self.recipe = recipe
+        self.spec = spec
         self.loss = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=recipe.label_smoothing)
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.channels_last = False
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.spec is not None:  # the checkpoint knows its model: registry name, arguments, classes, input
+            checkpoint[CHECKPOINT_KEY] = _plain(self.spec.to_dict())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
@@ -155,6 +166,16 @@ class ClassificationModule(pl.LightningModule):
             schedule = lambda step: warmup_cosine(step, warmup_steps, total_steps)  # noqa: E731
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file beside the target, then renamed over it: a full disk or a kill leaves
+    the previous checkpoint (or none), never a truncated one, and the error names the file."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        save_bytes(path, buffer.getbuffer())
 
 
 class EpochSampler(Sampler):
@@ -296,11 +317,12 @@ def _selected_epoch(best_path: Path, history: pd.DataFrame, monitor: str) -> dic
     return chosen
 
 
-def _module(model: nn.Module, train_targets: np.ndarray, recipe: Recipe, num_classes: int) -> ClassificationModule:
+def _module(model: nn.Module, train_targets: np.ndarray, recipe: Recipe, num_classes: int,
+            spec: ModelSpec | None) -> ClassificationModule:
     class_weights = None
     if recipe.class_balance == "loss_weights":
         class_weights = class_weights_from_targets(train_targets, num_classes)
-    module = ClassificationModule(model, num_classes, recipe, class_weights)
+    module = ClassificationModule(model, num_classes, recipe, class_weights, spec)
     if _on_gpu(recipe) and recipe.channels_last in ("auto", "true", "on"):
         module.channels_last = True
         module.model.to(memory_format=torch.channels_last)
@@ -335,12 +357,26 @@ def _trainer(recipe: Recipe, out_dir: Path, seed: int, extra_callbacks: list | N
     trainer = pl.Trainer(
         max_epochs=recipe.epochs, accelerator=recipe.accelerator, devices=recipe.devices,
         num_nodes=recipe.num_nodes, strategy=recipe.strategy, precision=precision, callbacks=callbacks,
-        logger=loggers, limit_train_batches=recipe.limit_train_batches, enable_progress_bar=show_progress,
+        logger=loggers, plugins=_plugins(), limit_train_batches=recipe.limit_train_batches,
+        enable_progress_bar=show_progress,
         enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0,
         deterministic="warn" if on_gpu else True, default_root_dir=out_dir,
         use_distributed_sampler=False,  # EpochSampler shards by rank itself; validation is not sharded
     )
     return trainer, best
+
+
+def _plugins() -> list:
+    """Atomic checkpoint writes; inside a SLURM job, Lightning's SLURM environment WITHOUT its auto-requeue: a SIGUSR1
+    sent to every job step would make Lightning save a mid-epoch `hpc_ckpt` and resume from it, which is not exact.
+    The job script (`tlese.cluster`) traps the signal and requeues itself; the new attempt resumes from `last.ckpt`
+    at an epoch boundary, which is."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
 
 
 def _run(trainer: pl.Trainer, module: ClassificationModule, loaders: tuple, stage: StageDir,
@@ -366,8 +402,10 @@ def _run(trainer: pl.Trainer, module: ClassificationModule, loaders: tuple, stag
 
 
 def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, recipe: Recipe, out_dir: str | Path, *,
-        num_classes: int, seed: int, resume: bool = True, extra_callbacks: list | None = None) -> FitResult:
-    """Train `model` on `train_set`, select on `val_set` (carved from training data only), save best/last checkpoints.
+        num_classes: int, seed: int, resume: bool = True, extra_callbacks: list | None = None,
+        spec: ModelSpec | None = None) -> FitResult:
+    """Train `model` on `train_set`, select on `val_set` (carved from training data only), save best/last checkpoints
+    (each carrying `spec`, the model's spec, when given).
 
     A stage that already finished (its `done.json` exists) is not trained again; one that was interrupted resumes from
     `checkpoints/last.ckpt` and ends exactly as an uninterrupted run would. Returns paths and the per-epoch history.
@@ -382,7 +420,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, recipe: Recipe, 
     pl.seed_everything(seed, workers=True, verbose=False)
     train_targets = _targets_of(train_set)
     _warn_missing_classes(train_targets, _targets_of(val_set), num_classes, stage.path)
-    module = _module(model, train_targets, recipe, num_classes)
+    module = _module(model, train_targets, recipe, num_classes, spec)
     trainer, best = _trainer(recipe, stage.path, seed, extra_callbacks)
     resumed_from = _usable_resume_point(stage) if resume else None
     loaders = (make_train_loader(train_set, recipe, num_classes, seed),
@@ -393,12 +431,17 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, recipe: Recipe, 
     history = read_history(stage.path)
     selected = _selected_epoch(best_path, history, recipe.monitor)
     if trainer.is_global_zero:
-        write_json_atomic(stage.done_file, {
+        save_json(stage.done_file, {
             "best_checkpoint": best_path.name, "best_sha256": sha256_file(best_path), "epochs": trainer.current_epoch,
             "best_score": _as_float(best.best_model_score), "selected": selected, "world_size": trainer.world_size,
             "resumed_from": resumed_from.name if resumed_from else None})
     return FitResult(best_path, stage.last_checkpoint, history, resumed_from, trainer.current_epoch,
                      trainer.world_size, selected)
+
+
+def _plain(value: dict) -> dict:
+    """The JSON form of a spec dict (tuples as lists), as fold records hold it: equal specs compare equal."""
+    return json.loads(json.dumps(value))
 
 
 def _as_float(value) -> float | None:
@@ -430,9 +473,14 @@ def read_history(out_dir: str | Path) -> pd.DataFrame:
     return history
 
 
-def load_trained_weights(model: nn.Module, checkpoint: str | Path) -> nn.Module:
-    """Load a Lightning checkpoint of this engine into a bare model (strict: same architecture)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+def load_trained_weights(model: nn.Module, checkpoint: str | Path, spec: ModelSpec | None = None) -> nn.Module:
+    """Load a Lightning checkpoint of this engine into a bare model (strict: same architecture). With `spec`, the
+    spec the checkpoint carries (when it carries one) must be the same."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    carried = saved.get(CHECKPOINT_KEY)
+    if spec is not None and carried is not None and _plain(carried) != _plain(spec.to_dict()):
+        raise ValueError(f"{checkpoint}: holds another model ({carried}) than its record says ({spec.to_dict()})")
+    state = saved["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     return model
 

@@ -1,99 +1,32 @@
 """Aggregate the finished folds of a run: checks against the run's records, metrics, comparison between arms, reports.
 
-Before a number is computed, every finished fold is checked: its predictions hold exactly its test patients of the
-run's fold file (each unit once, none missing), its split agrees with the fold file, and all folds of an arm were
-made from the same settings. A fold not finished yet is named in the report, never silently left out.
+The run is read through `tlese.train.runs.FinishedRun`, which checks every finished fold before a number is computed:
+its predictions hold exactly its test patients of the run's fold file (each unit once, none missing), its split agrees
+with the fold file, and all folds of an arm were made from the same settings. A fold not finished yet is named in the
+report, never silently left out. (`collect_arm` and `ArmResults` live in `tlese.train.runs`; importable here too.)
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from tlese.train.config import Arm, Experiment, load_experiment
-from tlese.train.cv import assert_no_leakage
+from tlese.train.config import Experiment
 from tlese.train.engine import read_history
 from tlese.train.repeats import (
     TESTS_EXPLAINED,
-    RepeatResults,
     collect_repeats,
     plot_repeat_metrics,
     repeat_tests,
-    repeats_of,
     write_repeat_tables,
 )
-from tlese.train.rundir import ArmDir, FoldDir, RunDir
+from tlese.train.rundir import ArmDir
+from tlese.train.runs import ArmResults, FinishedRun, collect_arm
 
-
-@dataclass
-class ArmResults:
-    """One arm's checked predictions and records."""
-
-    arm: Arm
-    arm_dir: ArmDir
-    predictions: pd.DataFrame  # breasts when the run has them, else images
-    images: pd.DataFrame | None
-    unit: str
-    records: list[dict]
-    missing_folds: list[int] = field(default_factory=list)
-
-
-def _check_fold(fold_dir: FoldDir, frame: pd.DataFrame, fold_patients: set[str], where: Path) -> None:
-    """The fold's predictions are of its own test patients in the run's fold file, all of them, each unit once."""
-    from tlese.evaluate.metrics import check_unique_units, unit_key_columns
-
-    split = fold_dir.split()
-    assert_no_leakage(split, str(fold_dir.path))
-    recorded_test = set(split.loc[split["role"] == "test", "patient_id"])
-    if recorded_test != fold_patients:
-        raise AssertionError(f"{fold_dir.split_file}: its test patients differ from fold {fold_dir.fold} of the run's "
-                             f"fold file ({len(recorded_test ^ fold_patients)} differ)")
-    if set(frame["fold"].astype(int)) != {fold_dir.fold}:
-        raise AssertionError(f"{where}: rows labelled with another fold than {fold_dir.fold}")
-    predicted = set(frame["patient_id"])
-    outside, missing = predicted - fold_patients, fold_patients - predicted
-    if outside:
-        raise AssertionError(f"{where}: predictions for patients outside test fold {fold_dir.fold}, "
-                             f"e.g. {sorted(outside)[:3]}")
-    if missing:
-        raise AssertionError(f"{where}: {len(missing)} test patient(s) of fold {fold_dir.fold} have no prediction, "
-                             "e.g. "
-                             f"{sorted(missing)[:3]}")
-    check_unique_units(frame, unit_key_columns(frame), str(where))
-
-
-def _arm_predictions(arm_dir: ArmDir, unit: str, folds: pd.DataFrame) -> pd.DataFrame | None:
-    """The checked predictions of every finished fold of the arm (`unit` "images" or "breasts")."""
-    from tlese.evaluate.metrics import check_unique_units, unit_key_columns
-
-    frames = []
-    for fold_dir in arm_dir.predicted_folds():
-        frame = fold_dir.predictions(unit)
-        if frame is None:
-            continue
-        fold_patients = set(folds.loc[folds["fold"] == fold_dir.fold, "patient_id"])
-        path = fold_dir.image_predictions_file if unit == "images" else fold_dir.breast_predictions_file
-        _check_fold(fold_dir, frame, fold_patients, path)
-        frames.append(frame)
-    if not frames:
-        return None
-    merged = pd.concat(frames, ignore_index=True)
-    check_unique_units(merged, unit_key_columns(merged), f"{arm_dir.path} (all folds)")  # no unit in two folds
-    return merged
-
-
-def _check_records(arm_dir: ArmDir, records: list[dict]) -> None:
-    """All finished folds of an arm were made from the same settings (the fold number aside)."""
-    made_from = {record.get("made_from") for record in records}
-    if len(made_from) > 1:
-        by_fold = {record["fold"]: record.get("made_from") for record in records}
-        raise AssertionError(f"{arm_dir.path}: its folds were made from different settings ({by_fold}); rerun "
-                             "`tlese cv` for this run, which names what changed, or start a new run")
+__all__ = ["ArmResults", "collect_arm", "merge_run"]
 
 
 def _arm_history(arm_dir: ArmDir) -> pd.DataFrame | None:
@@ -103,22 +36,6 @@ def _arm_history(arm_dir: ArmDir) -> pd.DataFrame | None:
         if len(history):
             frames.append(history.assign(stage="cxr" if fold == "" else "target", fold=fold))
     return pd.concat(frames, ignore_index=True) if frames else None
-
-
-def collect_arm(run: RunDir, arm: Arm, folds: pd.DataFrame, repeat: int = 0) -> ArmResults | None:
-    """One arm's checked predictions of one repeat (`folds`: that repeat's fold file); None when no fold finished."""
-    arm_dir = run.arm(arm.name, repeat)
-    breasts = _arm_predictions(arm_dir, "breasts", folds)
-    images = _arm_predictions(arm_dir, "images", folds)
-    predictions = breasts if breasts is not None else images
-    if predictions is None:
-        return None
-    records = [fold_dir.record() for fold_dir in arm_dir.predicted_folds()]
-    _check_records(arm_dir, records)
-    finished = {record["fold"] for record in records}
-    missing = sorted(int(k) for k in set(folds["fold"]) - finished)
-    return ArmResults(arm, arm_dir, predictions, images if breasts is not None else None,
-                      "breast" if breasts is not None else "image", records, missing)
 
 
 def _selected_stage1(arm_dir: ArmDir) -> str | None:
@@ -190,26 +107,18 @@ def merge_run(run_dir: str | Path, references: list[str] | None = None) -> dict[
     Paired tests compare every arm with each of `references` (default: the config's first arm with predictions); a
     pair is tested once, against the earlier reference.
     """
-    from tlese.data.splits import load_folds
-    from tlese.data.tasks import get_task
     from tlese.evaluate.report import write_report
     from tlese.evaluate.tables import per_fold_table, summary_table
 
-    run = RunDir(Path(run_dir))
-    run.require()
-    experiment = load_experiment(run.config_file)
-    config = yaml.safe_load(run.config_file.read_text())
-    environment = json.loads(run.environment_file.read_text()) if run.environment_file.is_file() else {}
-    notes = run.notes()
-    data_summary = pd.read_csv(run.data_summary_file) if run.data_summary_file.is_file() else None
-    class_names = list(get_task(experiment.target.task).classes)
-    folds_file = run.folds_file(experiment.seed, experiment.folds)
-    if not folds_file.is_file():
-        raise FileNotFoundError(f"{folds_file}: the run's fold file is missing; predictions cannot be checked")
-    folds = load_folds(folds_file)
+    run = FinishedRun(run_dir)
+    experiment, config, environment, notes = run.experiment, run.config, run.environment, run.notes()
+    data_summary = run.data_summary()
+    class_names = run.class_names
+    if run.folds() is None:
+        raise FileNotFoundError(f"{run.folds_file()}: the run's fold file is missing; predictions cannot be checked")
 
-    collected = {arm.name: found for arm in experiment.arms if (found := collect_arm(run, arm, folds)) is not None}
-    repeated = _repeats(run, experiment, class_names)
+    collected = {arm.name: found for arm in run.arms if (found := run.predictions(arm.name)) is not None}
+    repeated = collect_repeats(run) if run.repeats > 1 else None
     repeat_arms = [name for name, _ in repeated.predictions] if repeated else []
     with_predictions = list(dict.fromkeys([*collected, *repeat_arms]))
     if not with_predictions:
@@ -240,7 +149,7 @@ def merge_run(run_dir: str | Path, references: list[str] | None = None) -> dict[
     if repeated is not None:
         repeated.tests = repeat_tests(repeated, references, experiment, class_names)
         extra_tables, extra_plots = write_repeat_tables(run, repeated), plot_repeat_metrics(run, repeated)
-        repeat_notes = [f"{repeats_of(run, experiment)} repeats of {experiment.folds}-fold CV; the arm reports "
+        repeat_notes = [f"{run.repeats} repeats of {experiment.folds}-fold CV; the arm reports "
                         "and the tables above the repeats are of repeat 0 (the single-seed analysis)",
                         TESTS_EXPLAINED,
                         *([f"(repeat, fold) jobs not finished, not in these numbers: {'; '.join(repeated.missing)}"]
@@ -262,13 +171,6 @@ def merge_run(run_dir: str | Path, references: list[str] | None = None) -> dict[
                  if results.missing_folds],
                *[f"{name}: {paths['html']}" for name, paths in reports.items()]])
     return {"html": Path(top["html"]), "md": Path(top["md"])}
-
-
-def _repeats(run: RunDir, experiment: Experiment, class_names: list[str]) -> RepeatResults | None:
-    """The repeats' results when the run has more than one repeat, else None."""
-    if repeats_of(run, experiment) < 2:
-        return None
-    return collect_repeats(run, experiment, class_names)
 
 
 def _holm_over_pairs(comparison: pd.DataFrame) -> pd.DataFrame:

@@ -1,8 +1,8 @@
 """Merging a repeated k-fold CV: per arm the metric of each repeat, their spread, and tests that survive the seed.
 
-Each finished (repeat, fold) job is checked as a single CV's folds are (`merge.collect_arm` against that repeat's fold
-file). Per arm and repeat the out-of-fold predictions are pooled into one metric; over repeats they give mean ± sd
-(how far one seed can move the result). Between arms, two tests answer two questions:
+Each finished (repeat, fold) job is checked as a single CV's folds are (`FinishedRun.predictions`, against that
+repeat's fold file). Per arm and repeat the out-of-fold predictions are pooled into one metric; over repeats they give
+mean ± sd (how far one seed can move the result). Between arms, two tests answer two questions:
 - the corrected resampled t-test (Nadeau & Bengio 2003; Bouckaert & Frank 2004) over the r x k fold scores: would the
   difference hold for another draw of training data and training randomness (the variance over repeats included)?
 - the paired patient bootstrap, per repeat: are these patients' predictions by one trained pair of arms different?
@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from tlese.train.config import Experiment
-from tlese.train.rundir import RunDir, repeat_seed
+from tlese.train.rundir import repeat_seed
+from tlese.train.runs import FinishedRun
 
 TESTS_EXPLAINED = (
     "Corrected resampled t-test (Nadeau & Bengio 2003; Bouckaert & Frank 2004): the r x k fold-level differences "
@@ -42,31 +43,17 @@ class RepeatResults:
     predictions: dict[tuple[str, int], pd.DataFrame] = field(default_factory=dict)
 
 
-def repeats_of(run: RunDir, experiment: Experiment) -> int:
-    """How many repeats the run has: the config's, or more when folders of later repeats exist."""
-    found = [max(run.arm_repeats(arm.name), default=0) + 1 for arm in experiment.arms]
-    return max([experiment.repeats, *found])
-
-
-def _repeat_folds(run: RunDir, experiment: Experiment, repeat: int) -> pd.DataFrame | None:
-    from tlese.data.splits import load_folds
-
-    path = run.folds_file(repeat_seed(experiment.seed, repeat), experiment.folds)
-    return load_folds(path) if path.is_file() else None
-
-
-def collect_repeats(run: RunDir, experiment: Experiment, class_names: list[str]) -> RepeatResults:
+def collect_repeats(run: FinishedRun) -> RepeatResults:
     """Check and gather every finished (repeat, fold) of every arm, with metrics per repeat and per fold."""
     from tlese.evaluate.metrics import HEADLINE_METRICS, classification_metrics, flatten_metrics, predictions_to_arrays
     from tlese.evaluate.tables import fold_spread, per_fold_table, repeat_summary
-    from tlese.train.merge import collect_arm
 
+    experiment, class_names = run.experiment, run.class_names
     metrics = list(HEADLINE_METRICS)
     repeat_rows, fold_rows, missing, predictions = [], [], [], {}
-    for repeat in range(repeats_of(run, experiment)):
-        folds = _repeat_folds(run, experiment, repeat)
-        for arm in experiment.arms:
-            results = collect_arm(run, arm, folds, repeat) if folds is not None else None
+    for repeat in range(run.repeats):
+        for arm in run.arms:
+            results = run.predictions(arm.name, repeat)
             if results is None:
                 missing.append(f"{arm.name}: repeat {repeat} (no finished fold)")
                 continue
@@ -148,7 +135,7 @@ def repeat_tests(results: RepeatResults, references: list[str], experiment: Expe
     return tests.reindex(columns=columns)
 
 
-def write_repeat_tables(run: RunDir, results: RepeatResults) -> dict[str, pd.DataFrame]:
+def write_repeat_tables(run: FinishedRun, results: RepeatResults) -> dict[str, pd.DataFrame]:
     """repeats.csv, repeat_summary.csv, repeat_folds.csv, repeat_tests.csv beside the run's report; returns the
     report's tables by heading."""
     results.per_repeat.to_csv(run.path / "repeats.csv", index=False)
@@ -170,7 +157,7 @@ def write_repeat_tables(run: RunDir, results: RepeatResults) -> dict[str, pd.Dat
     return tables
 
 
-def plot_repeat_metrics(run: RunDir, results: RepeatResults) -> dict[str, object]:
+def plot_repeat_metrics(run: FinishedRun, results: RepeatResults) -> dict[str, object]:
     """One strip plot per headline metric: each repeat a point, mean ± sd beside it."""
     from tlese.evaluate.metrics import HEADLINE_METRICS, METRICS
     from tlese.evaluate.report import PLOTS_DIR, plot_repeats

@@ -12,6 +12,10 @@ Layout (`<output_dir>/<name>/`):
 Every other module asks this one for a path, never spells it. A stage or fold records, before it trains, what it is made
 from (`made_from.json`: the arm's resolved settings, the data and folds hashes, the stage-1 fingerprint, the code
 version); reusing it with other settings is refused with the keys that changed (or, with `force`, it is retrained).
+A finished fold's record (`fold_info.json`) carries the model spec it trained (`tlese.models.spec.ModelSpec`).
+
+Records are written atomically (`save_json`, `save_text`): a full disk or a kill leaves the previous file or none,
+never a truncated one, and the error is one line naming the file.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import Any
 
 import pandas as pd
 
-from tlese.files import sha256_file, write_json_atomic
+from tlese.files import sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic
+from tlese.models.spec import ModelSpec, ModelSpecError
 
 MADE_FROM = "made_from.json"
 DONE = "done.json"
@@ -68,6 +73,43 @@ def differences(recorded: Any, current: Any, prefix: str = "") -> list[str]:
             found += differences(recorded.get(key), current.get(key), f"{prefix}{key}.")
         return found
     return [] if recorded == current else [f"{prefix.rstrip('.')}: {recorded!r} -> {current!r}"]
+
+
+@contextmanager
+def naming_failed_writes(path: str | Path) -> Iterator[None]:
+    """A failed write (full disk, quota, read-only folder) raised as OSError naming `path` (its `filename`), with
+    the errno kept: the atomic writers have left the previous version of the file (or none), never a truncated one."""
+    try:
+        yield
+    except OSError as error:
+        # OSError(errno, ...) is the errno's own subclass (ENOENT: FileNotFoundError), so callers can still tell.
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
+
+
+def save_json(path: str | Path, value: Any) -> None:
+    """Write a JSON record atomically (see `naming_failed_writes`)."""
+    with naming_failed_writes(path):
+        write_json_atomic(path, value)
+
+
+def save_text(path: str | Path, text: str) -> None:
+    with naming_failed_writes(path):
+        write_text_atomic(path, text)
+
+
+def save_bytes(path: str | Path, data: bytes) -> None:
+    with naming_failed_writes(path):
+        write_bytes_atomic(path, data)
+
+
+def assert_no_leakage(split: pd.DataFrame, where: str) -> None:
+    """No patient of the test fold may be in the training or validation data of that fold."""
+    test = set(split.loc[split["role"] == "test", "patient_id"])
+    seen = set(split.loc[split["role"] != "test", "patient_id"])
+    leaked = test & seen
+    if leaked:
+        raise AssertionError(f"{where}: {len(leaked)} test patient(s) also in training/validation, "
+                             f"e.g. {sorted(leaked)[:3]}")
 
 
 def read_json(path: Path) -> dict:
@@ -148,7 +190,7 @@ class StageDir:
                                     f"or retrain it with --force")
             self.clear()
         self.path.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.made_from_file, made_from)
+        save_json(self.made_from_file, made_from)
 
     def clear(self) -> None:
         """Delete everything in the folder but its lock (which the caller may hold)."""
@@ -169,7 +211,7 @@ class StageDir:
         """
         from filelock import FileLock
 
-        if int(os.environ.get("LOCAL_RANK", 0) or 0) != 0 or int(os.environ.get("NODE_RANK", 0) or 0) != 0:
+        if _process_rank() != 0:
             yield
             return
         self.path.mkdir(parents=True, exist_ok=True)
@@ -215,6 +257,19 @@ class FoldDir(StageDir):
         if not self.record_file.is_file():
             raise FileNotFoundError(f"{self.record_file}: no finished fold here (run `tlese cv` first)")
         return read_json(self.record_file)
+
+    def model_spec(self) -> ModelSpec:
+        """The model this fold trained, as its record says (never recomputed from the config)."""
+        record = self.record()
+        if "model_spec" not in record:
+            raise ValueError(f"{self.record_file}: made before fold records carried the model spec (its classes, "
+                             "input and preprocessing); retrain this fold: `tlese cv --config <run>/config.yaml "
+                             f"--arm {record.get('arm', '<arm>')} --fold {self.fold}"
+                             + (f" --repeat {record['repeat']}" if record.get("repeat") else "") + " --no-resume`")
+        try:
+            return ModelSpec.from_dict(record["model_spec"], where=f"{self.record_file} model_spec")
+        except ModelSpecError as error:
+            raise ValueError(str(error)) from None
 
     def predictions(self, unit: str) -> pd.DataFrame | None:
         """`unit` "images" or "breasts"; None when the fold has none of that kind."""
@@ -289,6 +344,11 @@ class RunDir:
     def data_summary_file(self) -> Path:
         return self.path / "data_summary.csv"
 
+    @property
+    def cluster_dir(self) -> Path:
+        """Scheduler records of `tlese submit` (job scripts, per-step state, logs); owned by `tlese.cluster`."""
+        return self.path / CLUSTER_DIR
+
     def folds_file(self, seed: int, k: int) -> Path:
         return self.path / f"folds_seed{seed}_k{k}.csv"
 
@@ -325,4 +385,30 @@ class RunDir:
             raise FileNotFoundError(f"{self.config_file}: not a run folder (no resolved config)")
 
     def notes(self) -> list[str]:
-        return json.loads(self.notes_file.read_text()) if self.notes_file.is_file() else []
+        return read_json(self.notes_file) if self.notes_file.is_file() else []
+
+    def add_notes(self, notes: list[str]) -> list[str]:
+        """Add `notes` to the run's notes (each once, in order) under a lock: jobs of other arms, folds and repeats
+        write theirs at the same time. Returns the notes now recorded."""
+        from filelock import FileLock
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.path / ".notes.lock")):
+            merged = list(dict.fromkeys([*self.notes(), *notes]))
+            save_json(self.notes_file, merged)
+        return merged
+
+
+CLUSTER_DIR = "cluster"
+RESERVED_ARM_NAMES = frozenset({CLUSTER_DIR})
+"""Names an arm cannot have: folders of the run that are not arms."""
+
+
+def _process_rank() -> int:
+    """This process's rank in a multi-process job (0 alone): torchrun / Lightning (LOCAL_RANK, NODE_RANK) or SLURM's
+    srun (SLURM_PROCID) — under srun without a launcher every task would otherwise take the lock and deadlock DDP."""
+    for name in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        if int(os.environ.get(name, 0) or 0) != 0:
+            return 1
+    return 0
+

@@ -14,13 +14,16 @@ from pathlib import Path
 import pandas as pd
 from torch import nn
 
-from tlese.files import sha256_file, write_json_atomic
+from tlese.files import sha256_file
+from tlese.models.spec import ModelSpec
 from tlese.train import engine
 from tlese.train.config import TRANSFER, Arm, Experiment
 from tlese.train.data import PreparedData, make_dataset, prepare
-from tlese.train.rundir import EXECUTION_KEYS, ArmDir, read_json
+from tlese.train.rundir import EXECUTION_KEYS, ArmDir, read_json, save_json
+from tlese.version import __version__
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class InitRecord:
@@ -58,10 +61,8 @@ def arm_settings(arm: Arm) -> dict:
 
 def stage1_made_from(arm: Arm, experiment: Experiment, data: PreparedData) -> dict:
     """Everything stage 1 of `arm` is computed from (compared before a finished or interrupted stage is reused)."""
-    import tlese
-
     cxr = experiment.cxr
-    return {"tlese": tlese.__version__, "arm": arm_settings(arm), "seed": experiment.seed,
+    return {"tlese": __version__, "arm": arm_settings(arm), "seed": experiment.seed,
             "image_size": experiment.image_size, "in_chans": experiment.in_chans,
             "data": {"adapter": cxr.adapter, "task": cxr.task, "options": cxr.options,
                      "fingerprint": data.fingerprint(),
@@ -76,6 +77,17 @@ def model_kwargs(arm: Arm, experiment: Experiment, num_classes: int, views: str)
     if views == "dual":
         kwargs["fusion"] = experiment.fusion
     return kwargs
+
+
+def model_spec(arm: Arm, experiment: Experiment, data: PreparedData, views: str) -> ModelSpec:
+    """The spec of the model a stage trains on `data`: registry name, `create_model` arguments, the task's classes
+    and the preprocessing of the images it really trains on. Recorded with the stage; everything later reads it."""
+    from tlese.data.preprocess import PREPROCESS_VERSION, PreprocessParams
+
+    params = PreprocessParams.from_dict(data.preprocess)
+    return ModelSpec(registry_name=arm.model, create_kwargs=model_kwargs(arm, experiment, data.num_classes, views),
+                     class_names=list(data.task.classes), preprocess=params.to_dict(),
+                     preprocess_fingerprint=params.fingerprint(), preprocess_version=PREPROCESS_VERSION)
 
 
 def new_model(arm: Arm, experiment: Experiment, num_classes: int, views: str,
@@ -149,17 +161,20 @@ def _train_cxr_stage(arm: Arm, experiment: Experiment, data: PreparedData, arm_d
                                f"be {imagenet!r}; resume it where the weights are, or delete the folder")
         imagenet = recorded
     else:
-        write_json_atomic(start_file, {"imagenet": imagenet})
+        save_json(start_file, {"imagenet": imagenet})
+    spec = model_spec(arm, experiment, data, views="single")
     result = engine.fit(model, make_dataset(train_table, "single", data.task.modality, train=True, recipe=recipe,
                                             seed=experiment.seed),
                         make_dataset(val_table, "single", data.task.modality, train=False, recipe=recipe),
-                        recipe, stage.path, num_classes=data.num_classes, seed=experiment.seed, resume=resume)
+                        recipe, stage.path, num_classes=data.num_classes, seed=experiment.seed, resume=resume,
+                        spec=spec)
     summary = {"imagenet": imagenet, "classes": list(data.task.classes), "train_images": len(train_table),
                "val_images": len(val_table), "train_patients": int(train_table["patient_id"].nunique()),
                "val_patients": int(val_table["patient_id"].nunique()),
                "best_checkpoint": result.best_checkpoint.name, "best_sha256": sha256_file(result.best_checkpoint),
-               "selected": result.selected or {}, "epochs": int(len(result.history)), "world_size": result.world_size}
-    write_json_atomic(arm_dir.stage1_summary_file, summary)
+               "selected": result.selected or {}, "epochs": int(len(result.history)), "world_size": result.world_size,
+               "model_spec": spec.to_dict()}
+    save_json(arm_dir.stage1_summary_file, summary)
     return summary
 
 

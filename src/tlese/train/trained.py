@@ -1,51 +1,25 @@
-"""Trained models of a run folder: the one place that rebuilds a fold's model (explain now, the bundle next)."""
+"""Trained models of a run folder: a fold's model rebuilt from the spec its record carries (for explain and the
+bundle maker), and Grad-CAM overlays of held-out cases (`tlese explain`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from torch import nn
 
-from tlese.train.config import Arm, Experiment
-from tlese.train.rundir import FoldDir, RunDir
+from tlese.train.runs import FinishedRun, TrainedFold
+
+__all__ = ["INDEX_COLUMNS", "TrainedFold", "explain_fold", "load_trained"]
 
 INDEX_COLUMNS = ["file", "patient_id", "side", "view", "true", "predicted", "probability"]
 
 
-@dataclass
-class TrainedFold:
-    """A fold's model as it predicted, with what is needed to feed it and read its outputs."""
-
-    model: nn.Module
-    experiment: Experiment
-    arm: Arm
-    fold_dir: FoldDir
-    checkpoint: Path
-    class_names: list[str]
-
-
 def load_trained(run_dir: str | Path, arm_name: str, fold: int, overrides: list[str] | None = None) -> TrainedFold:
-    """Rebuild the arm's model from the run's resolved config and load the checkpoint fold `fold` predicted with
-    (verified against its recorded checksum). The model is in eval mode, on the CPU."""
-    from tlese.data.tasks import get_task
-    from tlese.models import create_model
-    from tlese.train import engine
-    from tlese.train.cv import reload_experiment
-    from tlese.train.stages import model_kwargs
-
-    run = RunDir(Path(run_dir))
-    experiment = reload_experiment(run.path, overrides)
-    arm = experiment.arm(arm_name)
-    fold_dir = run.arm(arm.name).fold(fold)
-    fold_dir.record()  # a fold that has not finished predicting has no model to explain
-    checkpoint = fold_dir.best_checkpoint()
-    class_names = list(get_task(experiment.target.task).classes)
-    model = create_model(arm.model, pretrained=False,
-                         **model_kwargs(arm, experiment, len(class_names), experiment.views))
-    engine.load_trained_weights(model, checkpoint).eval()
-    return TrainedFold(model, experiment, arm, fold_dir, checkpoint, class_names)
+    """Rebuild fold `fold`'s model of the arm from the model spec its record carries (not from the run's config, which
+    may have been edited since) and load the checkpoint the fold predicted with (verified against its recorded
+    checksum). The model is in eval mode, on the CPU. `overrides` (`key=value`) change the reloaded config only (e.g.
+    where the data moved), never the model."""
+    return FinishedRun(run_dir, overrides).trained(arm_name, fold)
 
 
 def explain_fold(run_dir: str | Path, arm_name: str, fold: int, per_class: int = 2, layer: str | None = None,
@@ -63,15 +37,15 @@ def explain_fold(run_dir: str | Path, arm_name: str, fold: int, per_class: int =
     from tlese.train import engine
     from tlese.train.data import make_dataset, prepare
 
-    trained = load_trained(run_dir, arm_name, fold, overrides)
+    trained = FinishedRun(run_dir, overrides).trained(arm_name, fold)
     experiment, model, fold_dir = trained.experiment, trained.model, trained.fold_dir
     test_patients = fold_dir.test_patients()
-    data = prepare(experiment.target, experiment)
+    data = prepare(experiment.target, experiment, preprocess=trained.spec.preprocess)  # as the fold trained
     test = data.table[data.table["patient_id"].astype(str).isin(test_patients)]
     if test.empty:
         raise ValueError(f"{fold_dir.split_file}: none of its {len(test_patients)} test patients is in the data of "
                          f"{experiment.target.root}")
-    views = experiment.views
+    views = trained.spec.views
     dataset = make_dataset(test, views, data.task.modality, train=False, recipe=experiment.target_recipe)
     rows = dataset.breasts if views == "dual" else dataset.table.reset_index(drop=True)
     probabilities = engine.predict_probs(model, dataset, experiment.target_recipe.batch_size, device="cpu")

@@ -1,13 +1,17 @@
 """Dataset adapters: each turns one on-disk layout into the common table.
 
 A table has one row per image with at least `patient_id, side, view, path, label, dataset, modality`
-(see `_common.TABLE_COLUMNS`) plus the dataset's own label columns. `side` is "L"/"R" and `view` "CC"/"MLO"
+(see `TABLE_COLUMNS`) plus the dataset's own label columns. `side` is "L"/"R" and `view` "CC"/"MLO"
 for mammograms; chest X-rays have `side == view == ""`. `path` is an absolute path string; `image_id` names the
 image without it (the adapter's own ID, or the path relative to the dataset root). `table.attrs["skipped"]` lists
-the (path relative to the root, reason) of every file or label row an adapter left out (`_common.format_skipped`
+the (path relative to the root, reason) of every file or label row an adapter left out (`format_skipped`
 words it for a report).
 
     table = get_adapter("cmmd")(root)            # or load_dataset("cmmd", root)
+
+An adapter module (and any other area) uses the public helpers exported here: `finish_table` (the contract),
+`walk_files`, `find_images`, `read_label_file`, `relative_id`, `format_skipped`; CBIS-DDSM names are parsed by
+`tlese.data.datasets.cbis_ddsm.cbis_case`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
+
+from tlese.data.datasets._common import (
+    IMAGE_SUFFIXES,
+    TABLE_COLUMNS,
+    find_images,
+    finish_table,
+    format_skipped,
+    read_label_file,
+    relative_id,
+    walk_files,
+)
 
 Adapter = Callable[..., pd.DataFrame]
 
@@ -64,4 +79,7 @@ def _register_all() -> None:
 
 _register_all()
 
-__all__ = ["register_adapter", "get_adapter", "list_adapters", "load_dataset"]
+__all__ = [
+    "IMAGE_SUFFIXES", "TABLE_COLUMNS", "find_images", "finish_table", "format_skipped", "get_adapter", "list_adapters",
+    "load_dataset", "read_label_file", "register_adapter", "relative_id", "walk_files",
+]  # fmt: skip
