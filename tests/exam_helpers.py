@@ -57,3 +57,19 @@ def cbis_truth(path: Path) -> tuple[str, str, str]:
     """(CBIS patient, side, view) as the tests know them from the CBIS PatientID (never used by the code)."""
     parts = str(pydicom.dcmread(path, stop_before_pixels=True).PatientID).split("_")
     return f"P_{parts[2]}", parts[3][0], parts[4]
+
+
+def load_unsigned(path, **options):
+    """Load a bundle a test made or edited, its signature not being what the test is about (test_signing.py's is)."""
+    from tlese.bundle.format import load_bundle
+
+    return load_bundle(path, allow_unsigned=True, **options)
+
+
+def edit_json(path: Path, edit) -> None:
+    """Apply `edit` (a function changing the parsed value in place) to a JSON file."""
+    import json
+
+    value = json.loads(path.read_text())
+    edit(value)
+    path.write_text(json.dumps(value, indent=2))

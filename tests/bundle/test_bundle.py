@@ -13,26 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from exam_helpers import edit_json, load_unsigned
 
 slow = pytest.mark.slow
 TINY_ARM = "plain_scratch"  # the arm of tests/conftest.py's tiny_run
 
 
-def _load(path, **options):
-    """Load a bundle the tests made or edited; signatures are tests/bundle/test_signing.py's subject."""
-    from tlese.bundle.format import load_bundle
-
-    return load_bundle(path, allow_unsigned=True, **options)
-
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(bundle, tmp_path / "copy"))
 
-
-def _edit_json(path: Path, edit) -> None:
-    value = json.loads(path.read_text())
-    edit(value)
-    path.write_text(json.dumps(value, indent=2))
 
 
 @slow
@@ -45,7 +35,7 @@ def test_round_trip(tiny_bundle):
     from tlese.data.tasks import get_task
 
     assert tlese.bundle.load_bundle is load_bundle is tlese.load_bundle
-    bundle = _load(tiny_bundle)
+    bundle = load_unsigned(tiny_bundle)
     meta = json.loads((tiny_bundle / "model.json").read_text())
     assert meta["format_version"] == 2
     assert bundle.path == tiny_bundle
@@ -97,10 +87,10 @@ def test_a_tampered_weight_file_is_refused_naming_it(tiny_bundle, tmp_path):
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
     with pytest.raises(BundleError, match=r"weights/fold_1\.safetensors differs from its checksum"):
-        _load(copy)
+        load_unsigned(copy)
     (copy / "notes.txt").write_text("an extra file")
     with pytest.raises(BundleError, match=r"not in checksums\.sha256: \['notes\.txt'\]"):
-        _load(copy)
+        load_unsigned(copy)
 
 
 @slow
@@ -112,18 +102,18 @@ def test_an_edited_preprocessing_parameter_is_refused(tiny_bundle, tmp_path, mon
     def widen(meta):
         meta["preprocess"]["params"]["high_pct"] = 99.0
 
-    _edit_json(copy / "model.json", widen)
+    edit_json(copy / "model.json", widen)
     with pytest.raises(BundleError, match=r"model\.json differs from its checksum"):
-        _load(copy)
+        load_unsigned(copy)
     write_checksums(copy)  # checksums made consistent again: the fingerprint still tells
     with pytest.raises(BundleError, match="do not match their recorded fingerprint"):
-        _load(copy)
+        load_unsigned(copy)
 
     import tlese.data.preprocess as preprocess
 
     monkeypatch.setattr(preprocess, "PREPROCESS_VERSION", preprocess.PREPROCESS_VERSION + 1)
     with pytest.raises(BundleError, match="preprocessing version 1; the installed tlese has version 2"):
-        _load(tiny_bundle)
+        load_unsigned(tiny_bundle)
 
 
 @slow
@@ -137,17 +127,17 @@ def test_an_edit_with_a_recomputed_fingerprint_still_contradicts_the_model_spec(
         meta["preprocess"]["params"]["high_pct"] = 99.0
         meta["preprocess"]["fingerprint"] = PreprocessParams.from_dict(meta["preprocess"]["params"]).fingerprint()
 
-    _edit_json(copy / "model.json", widen)
+    edit_json(copy / "model.json", widen)
     write_checksums(copy)
     with pytest.raises(BundleError, match=r"model_spec contradicts .*preprocessing fingerprint '[0-9a-f]+' in "
                                           r"model_spec"):
-        _load(copy)
+        load_unsigned(copy)
 
     copy = Path(shutil.copytree(tiny_bundle, tmp_path / "kwargs"))
-    _edit_json(copy / "model.json", lambda meta: meta["model"]["create_kwargs"].update(fusion="concat"))
+    edit_json(copy / "model.json", lambda meta: meta["model"]["create_kwargs"].update(fusion="concat"))
     write_checksums(copy)
     with pytest.raises(BundleError, match="model_spec contradicts .*create kwargs"):
-        _load(copy)
+        load_unsigned(copy)
 
 
 @slow
@@ -162,10 +152,10 @@ def test_class_names_that_are_not_the_tasks_are_refused_naming_both(tiny_bundle,
     def swap(value):  # class names and the spec agree with each other, not with the task the bundle carries
         value["class_names"] = value["model_spec"]["class_names"] = swapped
 
-    _edit_json(copy / "model.json", swap)
+    edit_json(copy / "model.json", swap)
     write_checksums(copy)
     with pytest.raises(BundleError) as refused:
-        _load(copy)
+        load_unsigned(copy)
     assert str(swapped) in str(refused.value) and str(task_classes) in str(refused.value)
     assert "class_names" in str(refused.value) and "task" in str(refused.value)
 
@@ -179,11 +169,11 @@ def test_outputs_that_drift_from_the_reference_are_refused(tiny_bundle, tmp_path
     def drift(expected):
         expected["references"][1]["raw"][0] += 1e-3
 
-    _edit_json(copy / "reference" / "expected.json", drift)
+    edit_json(copy / "reference" / "expected.json", drift)
     write_checksums(copy)
     with pytest.raises(BundleError, match=r"reference reference/ref_1\.npy: raw probabilities differ .* by up to "
                                           r"0\.001"):
-        _load(copy)
+        load_unsigned(copy)
 
 
 @slow
@@ -192,9 +182,9 @@ def test_calibration_not_applied_means_t_1_and_format_1_bundles_apply_it_to_the_
     from tlese.bundle.format import write_checksums
 
     copy = _copy(tiny_bundle, tmp_path)
-    _edit_json(copy / "model.json", lambda meta: meta["calibration"].update(temperature=2.5, applied=False))
+    edit_json(copy / "model.json", lambda meta: meta["calibration"].update(temperature=2.5, applied=False))
     write_checksums(copy)
-    bundle = _load(copy)  # the references still hold: T is not applied
+    bundle = load_unsigned(copy)  # the references still hold: T is not applied
     out = bundle.predict_arrays(np.random.default_rng(1).random((3, 2, 1, 32, 32), dtype=np.float32))
     assert bundle.temperature == 1.0 and np.array_equal(out["calibrated"], out["raw"])
 
@@ -202,9 +192,9 @@ def test_calibration_not_applied_means_t_1_and_format_1_bundles_apply_it_to_the_
         meta["calibration"] = {"method": "temperature", "temperature": 2.5,
                                "applied_to": "ensemble-mean probability"}
 
-    _edit_json(copy / "model.json", legacy)
+    edit_json(copy / "model.json", legacy)
     write_checksums(copy)
-    bundle = _load(copy, check_references=False)
+    bundle = load_unsigned(copy, check_references=False)
     out = bundle.predict_arrays(np.random.default_rng(1).random((3, 2, 1, 32, 32), dtype=np.float32))
     assert bundle.temperature == 2.5 and np.allclose(out["calibrated"], apply_temperature(out["raw"], 2.5))
 
@@ -220,13 +210,13 @@ def _as_format_1(folder: Path) -> None:
             meta.pop(key, None)
         meta["calibration"] = {"method": "temperature", "temperature": 1.0, "applied_to": "ensemble-mean probability"}
 
-    _edit_json(folder / "model.json", downgrade)
+    edit_json(folder / "model.json", downgrade)
 
     def card(value):
         value["training_data"].pop("synthetic", None)
         value["training_data"].pop("validated_on", None)
 
-    _edit_json(folder / "card.json", card)
+    edit_json(folder / "card.json", card)
     (folder / "ood.safetensors").unlink(missing_ok=True)
     shutil.rmtree(folder / "onnx", ignore_errors=True)
     (folder / "signature.json").unlink(missing_ok=True)
@@ -235,7 +225,7 @@ def _as_format_1(folder: Path) -> None:
         for reference in value["references"]:
             reference.pop("ood_score", None)
 
-    _edit_json(folder / "reference" / "expected.json", expected)
+    edit_json(folder / "reference" / "expected.json", expected)
     write_checksums(folder)
 
 
@@ -243,27 +233,27 @@ def _as_format_1(folder: Path) -> None:
 def test_a_format_1_bundle_still_loads_with_its_spec_built_from_the_v1_keys(tiny_bundle, tmp_path):
     from tlese.bundle.format import BundleError, write_checksums
 
-    v2 = _load(tiny_bundle)
+    v2 = load_unsigned(tiny_bundle)
     copy = _copy(tiny_bundle, tmp_path)
     _as_format_1(copy)
-    v1 = _load(copy)
+    v1 = load_unsigned(copy)
     assert v1.meta["format_version"] == 1 and v1.spec == v2.spec
     assert v1.ood is None and v1.onnx == [] and v1.onnx_predictor() is None
     assert v1.synthetic  # a registered synthetic task (synth_*) says so when the card does not
     assert "not recorded" in v1.validated_on
     x = np.random.default_rng(2).random((2, 2, 1, 32, 32), dtype=np.float32)
     assert np.allclose(v1.predict_arrays(x)["per_model"], v2.predict_arrays(x)["per_model"])
-    _edit_json(copy / "model.json", lambda meta: meta.update(format_version=2))
+    edit_json(copy / "model.json", lambda meta: meta.update(format_version=2))
     write_checksums(copy)
     with pytest.raises(BundleError, match=r"format 2\) has no model_spec"):
-        _load(copy)
+        load_unsigned(copy)
 
 
 @slow
 def test_the_bundles_onnx_files_give_the_same_outputs_and_are_checked(tiny_bundle, tmp_path):
     from tlese.bundle.format import TOLERANCE, BundleError, write_checksums
 
-    bundle = _load(tiny_bundle)
+    bundle = load_unsigned(tiny_bundle)
     assert [entry["fold"] for entry in bundle.onnx] == bundle.folds
     predictor = bundle.onnx_predictor(threads=1)
     x = np.random.default_rng(3).random((5, 2, 1, 32, 32), dtype=np.float32)
@@ -282,20 +272,20 @@ def test_the_bundles_onnx_files_give_the_same_outputs_and_are_checked(tiny_bundl
     target = copy / "onnx" / "fold_2.onnx"
     target.write_bytes(target.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(BundleError, match=r"onnx/fold_2\.onnx differs from its checksum"):
-        _load(copy)
+        load_unsigned(copy)
     # Another fold's model in its place (checksums and records updated): the parity check under ONNX Runtime tells.
     shutil.copy(copy / "onnx" / "fold_0.onnx", target)
     sha = hashlib.sha256(target.read_bytes()).hexdigest()
-    _edit_json(copy / "model.json", lambda meta: meta["onnx"][2].update(sha256=sha))
+    edit_json(copy / "model.json", lambda meta: meta["onnx"][2].update(sha256=sha))
     write_checksums(copy)
-    swapped = _load(copy)
+    swapped = load_unsigned(copy)
     with pytest.raises(BundleError, match=r"under ONNX Runtime: per_model probabilities differ"):
         swapped.onnx_predictor(threads=1)
     # A recorded parity beyond the tolerance is refused.
-    _edit_json(copy / "model.json", lambda meta: meta["onnx"][0].update(max_abs_diff=1e-3))
+    edit_json(copy / "model.json", lambda meta: meta["onnx"][0].update(max_abs_diff=1e-3))
     write_checksums(copy)
     with pytest.raises(BundleError, match=r"onnx/fold_0\.onnx: recorded parity 0\.001 is not within 0\.0001"):
-        _load(copy)
+        load_unsigned(copy)
 
 
 @slow
@@ -306,7 +296,7 @@ def test_a_zip_loads_the_same_and_a_damaged_member_is_refused(tiny_bundle, tmp_p
     with zipfile.ZipFile(archive, "w") as opened:
         for path in sorted(p for p in tiny_bundle.rglob("*") if p.is_file()):
             opened.write(path, path.relative_to(tiny_bundle).as_posix())
-    zipped, folder = _load(archive), _load(tiny_bundle)
+    zipped, folder = load_unsigned(archive), load_unsigned(tiny_bundle)
     assert zipped.folds == folder.folds and zipped.temperature == pytest.approx(folder.temperature)
     assert zipped.spec == folder.spec and zipped.sha256 == folder.sha256
     x = np.random.default_rng(7).random((3, 2, 1, 32, 32), dtype=np.float32)
@@ -319,4 +309,4 @@ def test_a_zip_loads_the_same_and_a_damaged_member_is_refused(tiny_bundle, tmp_p
             data = source.read(name)
             target.writestr(name, data.replace(b"Luminal A", b"Luminal Z") if name == "card.json" else data)
     with pytest.raises(BundleError, match=r"card\.json differs from its checksum"):
-        _load(damaged)
+        load_unsigned(damaged)

@@ -84,7 +84,7 @@ def test_few_training_images_fall_back_to_a_diagonal_score_and_say_so():
     restored = OodModel.from_tensors(model.to_tensors(), meta)
     assert np.allclose(restored.score(_gaussian(4, dim=6, seed=2)), model.score(_gaussian(4, dim=6, seed=2)))
     small = fit_ood(np.concatenate([_gaussian(8, dim=6), _gaussian(8, dim=6, seed=1)], axis=1), views=2)
-    assert small.meta()["method"] == METHOD and small.meta()["n_components"] == 5  # 16 view images, dim 6
+    assert small.meta()["method"] == METHOD and small.meta()["n_components"] == 1  # 16 view images: 10 per component
     assert small.flag(np.concatenate([_gaussian(5, dim=6, seed=2), _gaussian(5, dim=6, shift=10, seed=3)], 1)).all()
     with pytest.raises(ValueError, match="at least 2"):
         fit_ood(_gaussian(1, dim=6))

@@ -267,7 +267,7 @@ def test_resolve_task_takes_a_name_a_file_or_an_inline_mapping(tmp_path):
 @pytest.mark.parametrize("value, error, match", [
     ("nope", ValueError, r"unknown task 'nope'; valid: .*cmmd_subtype4.* \(or a YAML file path, or an inline"),
     ("tasks/missing.yaml", FileNotFoundError, r"tasks/missing.yaml: task file not found"),
-    ("{name: x, classes: [a, b", ValueError, r"inline task: YAML syntax error \(line 1, column \d+\)"),
+    ("{name: x, classes: [a, b", ValueError, r"inline task: YAML syntax error at line 1, column \d+"),
     ("{name: x, label_column: y, classes: [a, b], colour: red}", ValueError,
      r"inline task: unknown key\(s\) \['colour'\]"),
     ("{name: x, label_column: y, classes: [a]}", ValueError, r"inline task.classes: must be at least two"),
@@ -284,7 +284,7 @@ def test_a_bad_task_file_is_named_with_its_line(tmp_path):
 
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\nclasses: [a, b\nlabel_column: y\n")
-    with pytest.raises(ValueError, match=rf"{path}: YAML syntax error \(line 3, column \d+\)"):
+    with pytest.raises(ValueError, match=rf"{path}: YAML syntax error at line 3, column \d+"):
         resolve_task(str(path))
 
 

@@ -121,7 +121,9 @@ def test_pacs_down_when_the_result_is_ready(tmp_path, orthanc, node_port, node_b
     failures = [a for a in audit if a["event"] == "delivery_failed"]
     assert len(failures) >= 8 and all("no association" in a["reason"] for a in failures)
     delays = [a["retry_in_seconds"] for a in failures]
-    assert max(delays) == 2 and min(delays) == 0.5  # backoff 0.5 s doubling, capped at retry.max_seconds
+    # backoff 0.5 s doubling, capped at retry.max_seconds (2 s); how many retries fit before Orthanc is back depends
+    # on the machine's speed, so only the schedule is checked (every result failed at least twice: 0.5 then 1)
+    assert min(delays) == 0.5 and 1.0 in delays and set(delays) <= {0.5, 1.0, 2.0}
 
 
 def test_duplicates_ct_unknown_ae_truncated_late_images_and_no_identifiers(tmp_path, orthanc, node_port, node_bundle,

@@ -307,7 +307,7 @@ def resolve_task(value: str | Mapping[str, Any] | Task) -> Task:
         return _TASKS[text]
     looks_inline = text.startswith("{") or "\n" in text or (":" in text and not _looks_like_path(text))
     if looks_inline:
-        return Task.from_dict(_load_yaml(text, "inline task"), where="inline task")
+        return Task.from_dict(parse_yaml(text, "inline task"), where="inline task")
     if _looks_like_path(text):
         from pathlib import Path
 
@@ -319,7 +319,7 @@ def resolve_task(value: str | Mapping[str, Any] | Task) -> Task:
             content = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise ValueError(f"{path}: cannot read the task file ({error})") from None
-        return Task.from_dict(_load_yaml(content, str(path)), where=str(path))
+        return Task.from_dict(parse_yaml(content, str(path)), where=str(path))
     raise ValueError(f"unknown task {text!r}; valid: {', '.join(list_tasks())} (or a YAML file path, or an inline "
                      "mapping such as '{name: t, label_column: subtype, classes: [a, b]}')")
 
@@ -328,15 +328,16 @@ def _looks_like_path(text: str) -> bool:
     return "/" in text or "\\" in text or text.lower().endswith((".yaml", ".yml", ".json"))
 
 
-def _load_yaml(text: str, where: str) -> Any:
-    """Parse YAML (JSON included); a syntax error becomes ValueError with `where`, line and column."""
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse YAML (JSON included); a syntax error becomes ValueError with `where`, line and column (the one place that
+    words YAML syntax errors: tasks and experiment configs)."""
     import yaml
 
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        place = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        place = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ValueError(f"{where}: YAML syntax error{place}: {problem}") from None
 

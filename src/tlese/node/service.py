@@ -40,6 +40,7 @@ from tlese.files import write_bytes_atomic
 from tlese.node.config import NodeConfig
 from tlese.node.deliver import DeliveryError, make_sender
 from tlese.node.queue import Job, WorkQueue
+from tlese.predict.inputs import cbis_patient
 from tlese.predict.pipeline import exam_key, make_predictor, predict
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,10 @@ class Node:
         if self.queue.known_sha256(instance) == digest:
             self.audit("duplicate", study=study, source=source)
             return "duplicate"
+        # The patient as predict groups it (a CBIS-DDSM case name is one view of patient P_xxxxx), so the studies of
+        # one woman are predicted together and her breasts' views pair exactly as `tlese predict` pairs them.
         patient_id = str(ds.get("PatientID") or "")
+        patient_id = f"cbis:{cbis_patient(patient_id)}" if cbis_patient(patient_id) else patient_id
         patient = exam_key(self.salt, f"patient|{patient_id}") if patient_id else study
         path = self.work / IMAGES_DIR / study / f"{instance}.dcm"
         write_bytes_atomic(path, data)

@@ -321,7 +321,9 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     print(f"  temperature {calibration['temperature']:.4g}: "
           + ("applied" if calibration.get("applied") else "not applied (T = 1)")
           + (f" ({calibration['reason']})" if calibration.get("reason") else ""))
-    if ood:
+    if ood.get("fitted") is False:  # degenerate features: the bundle has no OOD model (tlese.bundle.ood)
+        print(f"  out-of-distribution: no OOD check ({ood.get('reason')})")
+    elif ood:
         rate = ood.get("false_flag_rate")
         print(f"  out-of-distribution: {ood.get('method')}, threshold {ood.get('threshold'):.4g}, false-flag rate "
               f"{'n/a' if rate is None else f'{rate:.1%}'} on held-out training {ood.get('unit', 'case')}s")

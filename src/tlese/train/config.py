@@ -267,13 +267,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 def _yaml(text: str, where: str) -> Any:
     """YAML text parsed, a syntax error raised as a ConfigError naming `where` and the line and column."""
+    from tlese.data.tasks import parse_yaml
+
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or type(error).__name__
-        raise ConfigError(f"{where}: YAML syntax error{at}: {problem}") from None
+        return parse_yaml(text, where)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -373,6 +373,8 @@ def _plugins() -> list:
     at an epoch boundary, which is."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
+    # Where SLURM is installed but this is no SLURM job, Lightning advises `srun` at every stage: noise, not advice.
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
