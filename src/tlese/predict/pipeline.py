@@ -238,8 +238,8 @@ def bundle_views(bundle: Any) -> tuple[tuple[str, ...], int]:
         return every, 2
     try:
         task_views = tuple(str(view) for view in bundle.task.views)
-    except Exception:  # a single-view bundle without a task record (older or hand-made): any one view will do
-        return every, 1
+    except Exception:  # a bundle without a task record (hand-made; every made bundle has one): both views, as before
+        task_views = every
     named = tuple(view for view in every if view in task_views)
     return (named, len(named)) if named else (every, 1)
 
