@@ -73,3 +73,22 @@ def edit_json(path: Path, edit) -> None:
     value = json.loads(path.read_text())
     edit(value)
     path.write_text(json.dumps(value, indent=2))
+
+
+def keep_page_local(page) -> list[str]:
+    """Route a Playwright page so it loads only from 127.0.0.1 (and data: URIs); returns the list that collects every
+    other address it tried (a test asserts it stays empty: the pages must work offline)."""
+    from urllib.parse import urlparse
+
+    elsewhere: list[str] = []
+
+    def local_only(route):
+        if urlparse(route.request.url).hostname == "127.0.0.1" or route.request.url.startswith("data:"):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", local_only)
+    return elsewhere
+

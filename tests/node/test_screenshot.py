@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
+from exam_helpers import keep_page_local
 from node_helpers import cbis_case, make_study, node_config, running_node
 from orthanc import wait_for
 
@@ -29,20 +29,11 @@ def test_orthanc_explorer_shows_the_sr_series(tmp_path, orthanc, node_port, node
     with running_node(node_config(tmp_path / "node", node_port, orthanc), node_bundle) as node:
         orthanc.send("tlese", [study])
         wait_for(lambda: node.queue.count_results("delivered") == 1, 300, "the SR delivered")
-    elsewhere: list[str] = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 700})
-
-            def local_only(route):
-                if urlparse(route.request.url).hostname == "127.0.0.1" or route.request.url.startswith("data:"):
-                    route.continue_()
-                else:
-                    elsewhere.append(route.request.url)
-                    route.abort()
-
-            page.route("**/*", local_only)
+            elsewhere = keep_page_local(page)
             page.goto(f"{orthanc.url}/app/explorer.html#study?uuid={study}")
             page.wait_for_selector("#list-series li:has-text('SR')", timeout=30_000)
             text = page.inner_text("#list-series")

@@ -19,10 +19,9 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
-from exam_helpers import cbis_truth
+from exam_helpers import cbis_truth, keep_page_local
 
 CHROMIUM = Path("/usr/bin/chromium")
 BENCH_SERVE = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_serve.py"
@@ -102,16 +101,7 @@ def test_the_page_in_chromium(playwright_api, server, cbis_dicoms, tmp_path):
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            elsewhere: list[str] = []
-
-            def local_only(route):
-                if urlparse(route.request.url).hostname == "127.0.0.1" or route.request.url.startswith("data:"):
-                    route.continue_()
-                else:
-                    elsewhere.append(route.request.url)
-                    route.abort()
-
-            page.route("**/*", local_only)
+            elsewhere = keep_page_local(page)
             page.goto(f"{base}/")
             assert "research use only" in page.inner_text("#intended-use")
             assert len(page.inner_text("#card-sha256").strip()) == 64

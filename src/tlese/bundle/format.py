@@ -539,14 +539,6 @@ def onnx_ensemble(bundle: Bundle, files: Mapping[int, bytes | str | Path], threa
     return _OnnxEnsemble(bundle, sessions)
 
 
-def export_bundle_onnx(source, out_dir=None, **options) -> list[dict]:
-    """The fold models of `source` (a Bundle, a bundle folder or the models) as out_dir/onnx/fold_<k>.onnx, with
-    their model.json "onnx" entries: `tlese.bundle.onnx.export_bundle_onnx`, here beside the format it writes."""
-    from tlese.bundle.onnx import export_bundle_onnx as export
-
-    return export(source, out_dir, **options)
-
-
 def load_bundle(path: str | Path, check_references: bool = True, *, trusted_keys=None,
                 allow_unsigned: bool = False) -> Bundle:
     """Load a bundle (folder or .zip), verified: every file against `checksums.sha256`; its signature against the
