@@ -70,16 +70,49 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def rss_bytes(pid: int) -> int:
-    try:
-        import psutil
+SETUPS = {  # how the service runs its work: 2 request threads doing everything (the former default, and today's for
+    # the torch runtime), or one preparing process per core beside 2 request threads per core (today's default for
+    # ONNX Runtime)
+    "threads": ["--processes=0", "--workers=2"],
+    "processes": [f"--processes={min(os.cpu_count() or 1, 4)}", f"--workers={max(2, 2 * (os.cpu_count() or 1))}"],
+}
 
-        return int(psutil.Process(pid).memory_info().rss)
-    except ImportError:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+
+def _tree(pid: int) -> list:
+    import psutil
+
+    process = psutil.Process(pid)
+    return [process, *process.children(recursive=True)]
+
+
+def rss_bytes(pid: int) -> int:
+    """RSS of the server and its worker processes together."""
+    import psutil
+
+    total = 0
+    for process in _tree(pid):
+        try:
+            total += int(process.memory_info().rss)
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User + system CPU seconds of the server's own process and of its live worker processes."""
+    import psutil
+
+    own = workers = 0.0
+    for process in _tree(pid):
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        if process.pid == pid:
+            own += times.user + times.system
+        else:
+            workers += times.user + times.system
+    return own, workers
 
 
 def start_server(bundle: Path, state: Path, port: int, extra: list[str], wait_s: float = 300.0,
@@ -158,6 +191,7 @@ def run(bundle: Path | None = None, requests: int = 200, concurrency: int = 8, m
                         raise RuntimeError(f"reference request for {patient}: HTTP {status}")
                     reference[patient], single[patient] = answer_of(body), round(seconds, 3)
             rss_start = rss_bytes(process.pid)
+            server_cpu_start, client_cpu_start = cpu_seconds(process.pid), sum(os.times()[:2])
             peak = [rss_start]
             stop = threading.Event()
 
@@ -198,6 +232,8 @@ def run(bundle: Path | None = None, requests: int = 200, concurrency: int = 8, m
                 for future in [pool.submit(client_loop) for _ in range(concurrency)]:
                     future.result()
             wall = time.perf_counter() - begin
+            server_cpu = [end - begin for end, begin in zip(cpu_seconds(process.pid), server_cpu_start)]
+            client_cpu = sum(os.times()[:2]) - client_cpu_start
             stop.set()
             watcher.join()
             rss_end = rss_bytes(process.pid)
@@ -231,6 +267,10 @@ def run(bundle: Path | None = None, requests: int = 200, concurrency: int = 8, m
         "rss_mb": {"start": round(rss_start / 2**20, 1), "peak": round(peak[0] / 2**20, 1),
                    "halfway": round(halfway[0] / 2**20, 1) if halfway else None,
                    "end": round(rss_end / 2**20, 1), "settled": round(rss_settled / 2**20, 1)},
+        "cpu_s_per_exam": {"server": round(sum(server_cpu) / len(ok), 3) if ok else None,
+                           "server_main": round(server_cpu[0] / len(ok), 3) if ok else None,
+                           "server_workers": round(server_cpu[1] / len(ok), 3) if ok else None,
+                           "client": round(client_cpu / len(ok), 3) if ok else None},
         "in_flight_after": health.get("in_flight"), "audit_lines": audit_lines,
         "loadavg_start": [round(v, 2) for v in load_start], "loadavg_end": [round(v, 2) for v in os.getloadavg()],
     }
@@ -256,6 +296,10 @@ def verdict(run: dict) -> list[str]:
     ]
 
 
+def _cpu(cpu: dict) -> str:
+    return f"{cpu['server']} ({cpu.get('server_main')} + {cpu.get('server_workers')}) / {cpu['client']}"
+
+
 def to_markdown(results: dict) -> str:
     runs = results["runs"]
     first = runs[0]
@@ -266,36 +310,43 @@ def to_markdown(results: dict) -> str:
                     f"{' '.join(map(str, runs[-1]['loadavg_end']))} (the header's torch threads are the client's: "
                     "the server runs 1 per worker)"]
     lines += [
-        f"Server: the real `tlese serve` (uvicorn) in its own process with its defaults (2 workers x 1 torch thread, "
-        f"heatmaps off as for every API request by default), bundle `{Path(first['bundle']).name}` "
+        "Server: the real `tlese serve` (uvicorn) in its own process, heatmaps off as for every API request by "
+        "default; setup `processes` (today's default for ONNX Runtime): one process per core decodes and prepares "
+        "the images of all requests, 2 request threads per core run the model; setup `threads` (the former default, "
+        "and today's for torch): `--processes=0 --workers=2`, 2 request threads decode, prepare and predict; bundle "
+        f"`{Path(first['bundle']).name}` "
         f"({results['bundle_model']}). Request: {first['exam']} ({', '.join(first['patients'])}), a multipart POST "
         f"/api/v1/predict. Clients: {first['concurrency']} threads with one httpx connection each (in another "
         f"process on the same 2 cores), {first['requests']} requests in all, {first['request_timeout_s']:g} s "
         f"timeout each, fixed end {first['max_seconds']:g} s. Every response is compared with the single-request "
-        "answer for its patient (exam keys, verdicts, probabilities: exactly equal). RSS: psutil, after the "
-        "reference requests (start), when half the requests were answered, at the end and 5 s later.", "",
-        "| runtime | requests | answered | errors | mixed up | wall s | **exams/s** | p50 s | **p95 s** | max s "
-        "| single request s | startup s | RSS start / half / end / +5 s / peak MB | load average at start |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|",
+        "answer for its patient (exam keys, verdicts, probabilities: exactly equal). RSS: psutil, the server and its "
+        "worker processes together, after the reference requests (start), when half the requests were answered, at "
+        "the end and 5 s later. CPU s per exam: user + system seconds over the load of the server with its workers, "
+        "and of the client process, divided by the exams answered.", "",
+        "| runtime | setup | requests | answered | errors | mixed up | wall s | **exams/s** | p50 s | **p95 s** | "
+        "max s | CPU s per exam: server (main + workers) / client | single request s | startup s | "
+        "RSS start / half / end / +5 s / peak MB | load average at start |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|",
     ]
     for run in runs:
         latency, rss = run["latency_s"], run["rss_mb"]
         lines.append(
-            f"| {run['runtime']} | {run['requests']} | {run['done']} | {run['errors']} | {run['mixed']} | "
-            f"{run['wall_s']} | **{run['exams_per_s']}** | {latency['p50']} | **{latency['p95']}** | {latency['max']} "
-            f"| " + ", ".join(f"{k} {v}" for k, v in run["single_request_s"].items()) + f" | {run['startup_s']} | "
+            f"| {run['runtime']} | {run.get('setup', '')} | {run['requests']} | {run['done']} | {run['errors']} | "
+            f"{run['mixed']} | {run['wall_s']} | **{run['exams_per_s']}** | {latency['p50']} | **{latency['p95']}** "
+            f"| {latency['max']} | {_cpu(run['cpu_s_per_exam'])} | "
+            + ", ".join(f"{k} {v}" for k, v in run["single_request_s"].items()) + f" | {run['startup_s']} | "
             f"{rss['start']} / {rss['halfway']} / {rss['end']} / {rss['settled']} / {rss['peak']} | "
             f"{' '.join(map(str, run['loadavg_start']))} |")
     lines += ["", f"## Goal (issue): >= {GOAL_EXAMS_PER_S:g} exams/s and p95 <= {GOAL_P95_S:g} s at 8 concurrent "
               "clients, default TLese bundle, 2 cores", ""]
     for run in runs:
-        lines += [f"`--runtime {run['runtime']}`:", "", *verdict(run), ""]
+        lines += [f"`--runtime {run['runtime']}`, setup `{run.get('setup')}`:", "", *verdict(run), ""]
     busy = max(max(run["loadavg_start"][:2]) for run in runs)
     if busy > 0.5:
         lines += [f"**The machine was not quiet** (load average up to {busy} at the start of a run: other jobs "
                   "shared its 2 cores), so these numbers understate what the service does on a quiet machine; "
                   "rerun with `--write` when it is quiet.", ""]
-    statuses = ", ".join(f"{run['runtime']} {run['statuses']}" for run in runs)
+    statuses = ", ".join(f"{run['runtime']}/{run.get('setup')} {run['statuses']}" for run in runs)
     lines += [f"Statuses: {statuses}; requests in flight "
               f"after the load: {', '.join(str(run['in_flight_after']) for run in runs)}; audit log lines: "
               f"{', '.join(str(run['audit_lines']) for run in runs)} (one per request, the warm-up and references "
@@ -306,11 +357,21 @@ def to_markdown(results: dict) -> str:
 
 
 NOTES = [
-    "- Where an exam's time goes (one request alone, in-process, `--runtime torch`, cProfile): decoding the 4 RLE "
-    "DICOMs (pylibjpeg-rle) about 0.23 s, preprocessing (crop, resize, window) about 0.15 s, the 5 fold models x 2 "
-    "breasts about 0.1 s (ONNX Runtime: about 0.04 s), sha256 of the inputs 0.04 s, the rest (headers, multipart, "
-    "JSON) under 0.1 s: about 0.55-0.6 CPU-seconds per exam, so 2 cores give at most about 3.5 exams/s even with "
-    "perfect overlap. The RLE decoder holds the GIL, so the 2 worker threads overlap only the model and numpy parts.",
+    "- What changed for issue #21: RLE frames are decoded by imagecodecs (about 18 ms per 13-Mpix CBIS image "
+    "against 34 ms for pylibjpeg-rle, benchmarks/results/decode.md), which releases the GIL, into the integers "
+    "preprocessing needs (no float32 copy of the whole image); the per-request output folder is written without "
+    "fsync (`tlese.files.scratch_writes`: it is read back and deleted within the request; each fsync waited for the "
+    "disk's journal behind the other requests' 40 MB uploads, which had held ONNX at about 2.5 exams/s with the "
+    "cores half idle); and with setup `processes` the images of all requests are decoded and prepared in worker "
+    "processes (`tlese.predict.prepare.Preparer`) while the request threads run the model. Both setups run today's "
+    "code: their difference is what the worker processes give.",
+    "- With a decoder that releases the GIL, the worker processes add little on 2 cores under ONNX Runtime and "
+    "cost throughput under torch, whose model competes with them for the cores; they also hold about 0.55 GB each "
+    "(torch for the resize, pydicom, scipy, imagecodecs). Hence the defaults: worker processes for ONNX Runtime (at "
+    "most 4), none for torch, and `--runtime auto` picks ONNX Runtime when the bundle carries verified ONNX files.",
+    "- `CPU s per exam`: the server's own process (HTTP, multipart, hashing the uploads, headers, the model, JSON) "
+    "plus its worker processes (decoding and preprocessing), over the load; the client's (httpx, 8 threads) shares "
+    "the same 2 cores. 2 cores / (server + client CPU s per exam) is the ceiling for exams/s.",
 ]
 
 
@@ -320,8 +381,11 @@ def main(argv: list[str] | None = None) -> int:
                         "bundle, see the module docstring)")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--runtimes", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"],
+    parser.add_argument("--runtimes", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx", "onnx-int8"],
                         help="one load run per runtime (`tlese serve --runtime`), in turn (default torch onnx)")
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS),
+                        help="how the service runs its work, one load run each per runtime (default: all): "
+                        + "; ".join(f"{name}: {' '.join(extra) or 'the defaults'}" for name, extra in SETUPS.items()))
     parser.add_argument("--max-seconds", type=float, default=900.0, help="fixed end of each load (default 900)")
     parser.add_argument("--request-timeout", type=float, default=60.0)
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
@@ -344,18 +408,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.quick:
-        args.requests, args.concurrency, args.runtimes = 6, 2, ["torch"]
+        args.requests, args.concurrency, args.runtimes, args.setups = 6, 2, ["torch"], ["processes"]
     command = command_line("bench_serve.py", argv)
     info = machine(PACKAGES)
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     bundle = args.bundle or default_bundle(say)
     runs = []
     for runtime in args.runtimes:
-        say(f"runtime {runtime}")
-        unsigned = ["--allow-unsigned"] if args.allow_unsigned else []
-        run_result = run(bundle, args.requests, args.concurrency, args.max_seconds, args.request_timeout,
-                         [f"--runtime={runtime}", *unsigned, *args.server_arg], log=say)
-        runs.append({"runtime": runtime, **run_result})
+        for setup in args.setups:
+            say(f"runtime {runtime}, setup {setup}")
+            unsigned = ["--allow-unsigned"] if args.allow_unsigned else []
+            run_result = run(bundle, args.requests, args.concurrency, args.max_seconds, args.request_timeout,
+                             [f"--runtime={runtime}", *unsigned, *SETUPS[setup], *args.server_arg], log=say)
+            runs.append({"runtime": runtime, "setup": setup, **run_result})
     from tlese.bundle.format import load_bundle
 
     served = load_bundle(bundle, check_references=False, **({"allow_unsigned": True} if args.allow_unsigned else {}))

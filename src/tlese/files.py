@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
+
+# Whether write_bytes_atomic forces its data to the disk (fsync): on, except inside `scratch_writes()`.
+_DURABLE: ContextVar[bool] = ContextVar("tlese_durable_writes", default=True)
+
+
+@contextlib.contextmanager
+def scratch_writes() -> Iterator[None]:
+    """Within this block (this thread / task only), atomic writes skip the fsync: for outputs that are read back
+    and deleted within the same request (a service's per-request folder), where forcing them to the disk buys
+    nothing and each fsync waits for the disk's journal (behind the other requests' uploads)."""
+    token = _DURABLE.set(False)
+    try:
+        yield
+    finally:
+        _DURABLE.reset(token)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -17,7 +35,8 @@ def sha256_file(path: str | Path) -> str:
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -> None:
-    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+    """Write `data` to a temporary file beside `path`, flush it to disk (not inside `scratch_writes()`), then rename
+    it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -25,7 +44,8 @@ def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if _DURABLE.get():
+                os.fsync(handle.fileno())
         if mode is not None:
             os.chmod(temporary, mode)
         os.replace(temporary, path)

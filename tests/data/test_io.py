@@ -258,7 +258,13 @@ def test_transfer_syntax_without_decoder(tmp_path):
 def test_missing_decoder_plugin_is_named(tmp_path, pixels16, monkeypatch):
     from pydicom.pixels.decoders import RLELosslessDecoder
 
+    from tlese.data import io
+
+    def not_installed(*args):
+        raise ImportError("no module named rle")
+
     path = write_dicom(tmp_path / "rle.dcm", pixels16, transfer_syntax=RLELossless)
+    monkeypatch.setitem(io.FRAME_DECODERS, RLELossless, io.FrameDecoder("gone", "gone", not_installed))
     monkeypatch.setattr(type(RLELosslessDecoder), "is_available", property(lambda self: False), raising=False)
     if RLELosslessDecoder.is_available:
         pytest.skip("cannot simulate a missing decoder in this pydicom version")

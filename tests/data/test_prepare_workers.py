@@ -31,10 +31,10 @@ if _doomed:
 
     _read_image = _io.read_image
 
-    def _read_or_die(path):
+    def _read_or_die(path, **options):
         if os.path.basename(str(path)) in _doomed:
             os.kill(os.getpid(), signal.SIGKILL)
-        return _read_image(path)
+        return _read_image(path, **options)
 
     _io.read_image = _read_or_die
 '''

@@ -436,3 +436,77 @@ def test_prepare_skips_unusable_images_with_their_reason_and_prepares_the_rest(t
     ]
     with pytest.raises(ImageReadError, match=r"blank\.png: constant image"):
         prepare_file(tmp_path / "blank.png", "L", None, PreprocessParams.build(32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Integer input (read_image(..., keep_integers=True), what prepare_file reads) gives the float32 path's output exactly
+
+
+def _same_output(a: tuple[np.ndarray, dict], b: tuple[np.ndarray, dict]) -> bool:
+    return a[0].dtype == b[0].dtype == np.float32 and np.array_equal(a[0], b[0]) and a[1] == b[1]
+
+
+def _prepared_like_the_float_path(path, params: PreprocessParams, side=None) -> None:
+    image, info = prepare_file(path, side, None, params)
+    integers, _ = read_image(path, keep_integers=True)
+    pixels, header = read_image(path)
+    assert integers.dtype.kind == "u" and pixels.dtype == np.float32, path  # the test compares two real paths
+    expected = preprocess_with_info(pixels.astype(np.float32), side or header.side, params)
+    assert np.array_equal(image, expected[0]), path
+    assert {key: info[key] for key in expected[1]} == expected[1], path
+
+
+@pytest.mark.shared_data
+def test_prepare_file_on_a_cbis_dicom_equals_the_float32_path(cbis_dicoms):
+    for size in (512, 96):
+        _prepared_like_the_float_path(cbis_dicoms[0], PreprocessParams.build(size))
+
+
+@pytest.mark.shared_data
+def test_prepare_file_on_a_mini_mias_png_equals_the_float32_path(mias_dir):
+    for path in sorted((mias_dir / "images").glob("*.png"))[:2]:
+        _prepared_like_the_float_path(path, PreprocessParams.build(256))
+
+
+@pytest.mark.shared_data
+def test_prepare_file_on_a_chest_x_ray_png_equals_the_float32_path(cxr_dir):
+    for path in sorted((cxr_dir / "images").rglob("*.png"))[:2]:
+        _prepared_like_the_float_path(path, PreprocessParams.build(224, "cxr"))
+
+
+@pytest.mark.parametrize("modality", ["mammo", "cxr"])
+@pytest.mark.parametrize("overrides", [{}, {"crop": False, "mask_background": False}, {"keep_aspect": False}])
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.int32])
+def test_integer_and_float32_input_give_identical_output(modality, overrides, dtype):
+    scale = 0.08 if dtype == np.uint8 else 7.0  # 8-bit: peak ~ 200; 16-bit: ~ 20000
+    image = (synthetic_breast(600, 380, side="R", background=300.0, seed=3) * scale).astype(dtype)
+    params = PreprocessParams.build(128, modality, overrides)
+    for side in (None, "R"):
+        assert _same_output(preprocess_with_info(image, side, params),
+                            preprocess_with_info(image.astype(np.float32), side, params))
+
+
+def test_integer_input_is_refused_for_the_same_reasons():
+    flat = np.full((64, 64), 700, np.uint16)
+    for pixels in (flat, flat.astype(np.float32)):
+        with pytest.raises(UnusableImageError, match="constant image"):
+            preprocess_image(pixels, None)
+    with pytest.raises(UnusableImageError, match="no contrast in the image"):
+        stray = flat.copy()
+        stray[0, 0] = 9
+        preprocess_image(stray, None, PreprocessParams.build(64, "cxr"))
+
+
+def test_keep_integers_returns_the_decoded_integers_only_when_nothing_is_applied(tmp_path):
+    stored = (synthetic_breast(label=False) * 10).astype(np.uint16)
+    plain, _ = read_image(write_dicom(tmp_path / "plain.dcm", stored), keep_integers=True)
+    assert plain.dtype == np.uint16 and np.array_equal(plain, stored)
+    for name, kwargs in [("rescale", {"rescale": (2.0, -10.0)}), ("window", {"window": (3000.0, 4000.0)}),
+                         ("m1", {"photometric": "MONOCHROME1"})]:
+        path = write_dicom(tmp_path / f"{name}.dcm", stored, **kwargs)
+        pixels, _ = read_image(path, keep_integers=True)
+        assert pixels.dtype == np.float32 and np.array_equal(pixels, read_image(path)[0]), name
+    for name, array in [("8bit", (stored // 64).astype(np.uint8)), ("16bit", stored)]:
+        Image.fromarray(array).save(tmp_path / f"{name}.png")
+        pixels, _ = read_image(tmp_path / f"{name}.png", keep_integers=True)
+        assert pixels.dtype == array.dtype and np.array_equal(pixels, array), name

@@ -332,8 +332,11 @@ def test_identifiers_appear_nowhere(serve, cbis_dicoms, tmp_path, caplog, capfd,
 # Concurrency
 
 
-def test_concurrent_requests_each_get_their_own_answer(serve, cbis_dicoms):
-    client, _ = serve(Limits(workers=2, max_queue=8, max_per_client=8))  # one test client: one address
+@pytest.mark.parametrize("processes", [0, 2], ids=["threads", "worker processes"])
+def test_concurrent_requests_each_get_their_own_answer(serve, cbis_dicoms, processes):
+    """Images prepared in the request threads, or in worker processes shared by all requests."""
+    client, service = serve(Limits(workers=4, max_queue=8, max_per_client=8, processes=processes))  # one address
+    assert service.preparer.processes == processes
     inputs = {"P_00173": exam(cbis_dicoms, "P_00173"), "P_00820": exam(cbis_dicoms, "P_00820"),
               "one view": exam(cbis_dicoms, "P_00173", views=(("L", "CC"),))}
     single = {name: answer(post(client, files).json()) for name, files in inputs.items()}

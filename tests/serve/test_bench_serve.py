@@ -24,6 +24,7 @@ def test_bench_serve_quick(tiny_bundle, tmp_path):
     results = json.loads((tmp_path / "serve.json").read_text())
     (run,) = results["runs"]
     assert run["runtime"] == "torch" and run["done"] == run["ok"] == 6 and run["errors"] == run["mixed"] == 0
+    assert run["setup"] == "processes" and run["cpu_s_per_exam"]["server_workers"] > 0  # images prepared there
     assert run["latency_s"]["p95"] > 0 and run["exams_per_s"] > 0 and run["rss_mb"]["start"] > 0
     assert run["in_flight_after"] == 0 and run["audit_lines"] == 6 + 4  # + the 2 warm-ups and 2 references
     text = (tmp_path / "serve.md").read_text()

@@ -15,6 +15,7 @@ def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys):
     a_file = tmp_path / "state_is_a_file"
     a_file.write_text("x")
     cases = {("--port", "99999"): "--port 99999", ("--workers", "0"): "--workers 0",
+             ("--processes", "-1"): "--processes -1",
              ("--state-dir", str(a_file)): "is a file, not a folder",
              ("--trusted-keys", str(tmp_path / "nowhere")): "--trusted-keys"}
     for option, words in cases.items():

@@ -10,6 +10,9 @@ Layout of a bundle (a folder, or the same files at the root of a .zip):
                             metrics with patient-bootstrap CIs, transfer chain, calibration, provenance, folds included
     weights/fold_<k>.safetensors   one per finished fold (never a pickle); the fold models are an ensemble
     onnx/fold_<k>.onnx      optional: the same fold models for ONNX Runtime, parity measured when bundling
+    onnx/fold_<k>.int8.onnx optional (`tlese bundle --int8`): their int8 quantisation, present only when its check
+                            on the out-of-fold items passed (model.json / card.json "int8" record the check either
+                            way); reference/expected_int8.json holds their outputs of the reference inputs
     ood.safetensors         optional: the out-of-distribution model (tlese.bundle.ood)
     reference/ref_<i>.npy   deterministic inputs at the bundle's input size (allow_pickle=False)
     reference/expected.json their expected per-model, raw and calibrated probabilities
@@ -55,6 +58,12 @@ TOLERANCE = 1e-4
 # The OOD score of the reference inputs under ONNX Runtime, relative to its size (measured on a mini-MIAS model:
 # up to 1.2e-3; float32 kernels differ by up to ~2e-6 of the features' size).
 ONNX_OOD_TOLERANCE = 1e-2
+INT8_EXPECTED_FILE = f"{REFERENCE_DIR}/expected_int8.json"
+# The int8 files' probabilities of the reference inputs against those recorded when bundling. ONNX Runtime's int8
+# kernels are deterministic on one CPU, but other CPUs may round or saturate differently (u8s8 without VNNI), so
+# the check allows more than fp32's 1e-4; it is the guard that such a CPU still gives the checked answers, while
+# checksums and signature cover the files themselves. OOD scores: relative, as ONNX_OOD_TOLERANCE.
+INT8_TOLERANCE = 1e-2
 DEFAULT_INTENDED_USE = "research use only; not for diagnostic use"
 FORBIDDEN_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".npz")
 BATCH_SIZE = 16
@@ -331,6 +340,39 @@ def _check_onnx_entries(meta: dict, listed: dict[str, str], folds: list[int], wh
     return sorted(entries, key=lambda entry: folds.index(int(entry["fold"])))
 
 
+def _check_int8_entries(meta: dict, listed: dict[str, str], folds: list[int], where: str) -> list[dict]:
+    """model.json's "int8" files, checked: listed with the same sha256, one per fold, present only with a passed
+    check and the fp32 ONNX files, with their expected reference outputs."""
+    record = meta.get("int8")
+    if not record:
+        return []
+    if not isinstance(record, dict) or not isinstance(record.get("check"), dict):
+        raise BundleError(f"{where}: {MODEL_FILE} int8 is not a record with a check")
+    entries = list(record.get("files") or [])
+    if not entries:
+        if record["check"].get("passed") is True:
+            raise BundleError(f"{where}: {MODEL_FILE} int8 check passed but lists no int8 files: the record was "
+                              "edited, do not use this bundle")
+        return []
+    if record["check"].get("passed") is not True:
+        raise BundleError(f"{where}: {MODEL_FILE} lists int8 files although its int8 check did not pass: the record "
+                          "was edited, do not use this bundle")
+    if not meta.get("onnx"):
+        raise BundleError(f"{where}: {MODEL_FILE} lists int8 files but no fp32 ONNX files they were checked against")
+    for entry in entries:
+        name = entry.get("file")
+        if listed.get(name) is None or listed[name] != entry.get("sha256"):
+            raise BundleError(f"{where}: int8 ONNX file {name}: its sha256 in {MODEL_FILE} differs from "
+                              f"{CHECKSUMS_FILE}")
+    if sorted(int(entry["fold"]) for entry in entries) != sorted(folds):
+        raise BundleError(f"{where}: int8 ONNX files for folds {sorted(int(e['fold']) for e in entries)}, weights "
+                          f"for folds {sorted(folds)}: the two ensembles must hold the same models")
+    expected = (record.get("reference") or {}).get("file", INT8_EXPECTED_FILE)
+    if expected not in listed:
+        raise BundleError(f"{where}: int8 ONNX files without their expected reference outputs ({expected})")
+    return sorted(entries, key=lambda entry: folds.index(int(entry["fold"])))
+
+
 def ensemble_outputs(per_model: np.ndarray, calibration: dict | None) -> dict[str, np.ndarray]:
     """The ensemble from the fold models' softmax probabilities `per_model` (M, B, K): "raw" (B, K) their mean,
     "calibrated" (B, K) as model.json's `calibration` record says (`tlese.bundle.calibration.calibrated_ensemble`:
@@ -364,6 +406,14 @@ class Bundle:
     signature_status: str = "not checked"
     ood: Any = None  # tlese.bundle.ood.OodModel or None
     onnx: list[dict] = field(default_factory=list)  # model.json "onnx" entries, in the order of `folds`
+    int8: list[dict] = field(default_factory=list)  # model.json "int8" files, in the order of `folds` ([]: none)
+
+    @property
+    def int8_check(self) -> dict | None:
+        """The int8 check recorded when bundling (`tlese.train.int8`: numbers, threshold, passed, reason), or None
+        when the bundle was made without --int8."""
+        record = self.meta.get("int8")
+        return dict(record["check"]) if isinstance(record, dict) and record.get("check") else None
 
     @property
     def intended_use(self) -> str:
@@ -449,14 +499,16 @@ class Bundle:
         finally:
             source.close()
 
-    def onnx_files(self) -> dict[int, bytes]:
-        """{fold: the bytes of onnx/fold_<fold>.onnx}, each checked against its sha256 ({} when none)."""
-        if not self.onnx:
+    def onnx_files(self, int8: bool = False) -> dict[int, bytes]:
+        """{fold: the bytes of onnx/fold_<fold>.onnx} (with `int8`: onnx/fold_<fold>.int8.onnx), each checked
+        against its sha256 ({} when none)."""
+        entries = self.int8 if int8 else self.onnx
+        if not entries:
             return {}
         source = _Source(self.path)
         try:
             found = {}
-            for entry in self.onnx:
+            for entry in entries:
                 data = source.read(entry["file"])
                 if _sha256_bytes(data) != entry["sha256"]:
                     raise BundleError(f"{self.path}: {entry['file']} changed since the bundle was loaded")
@@ -465,13 +517,19 @@ class Bundle:
         finally:
             source.close()
 
-    def onnx_predictor(self, threads: int | None = None, spinning: bool = True
+    def onnx_predictor(self, threads: int | None = None, spinning: bool = True, int8: bool = False
                        ) -> Callable[[np.ndarray], dict[str, np.ndarray]] | None:
         """The ensemble under ONNX Runtime from the bundle's own onnx/fold_<k>.onnx files (None when it carries
         none): a callable giving the same dict as `predict_arrays` (OOD features from the graphs' "features" output
         when they have one). Checked on the reference inputs against expected.json: probabilities within 1e-4 (else
         BundleError), the OOD flag the same. threads / spinning: ONNX Runtime's intra-op threads (None: its
-        default) and busy-waiting (`tlese.bundle.onnx.session_options`)."""
+        default) and busy-waiting (`tlese.bundle.onnx.session_options`).
+
+        int8: the int8 files instead (present only when the bundle's int8 check passed; a BundleError saying why
+        when there are none), checked against reference/expected_int8.json: probabilities within INT8_TOLERANCE,
+        OOD scores within ONNX_OOD_TOLERANCE of their size."""
+        if int8:
+            return self._int8_predictor(threads, spinning)
         files = self.onnx_files()
         if not files:
             return None
@@ -483,6 +541,36 @@ class Bundle:
             _compare_to_record(self.path, f"reference {name} under ONNX Runtime", predictor(x[None]), record,
                                ood_tolerance=ONNX_OOD_TOLERANCE,
                                ood_threshold=float(self.ood.threshold) if legacy_ood else None)
+        return predictor
+
+    def _int8_predictor(self, threads: int | None, spinning: bool) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+        check = self.int8_check
+        if check is None:
+            raise BundleError(f"{self.path}: this bundle carries no int8 ONNX files: it was made without --int8 "
+                              "(`tlese bundle RUN --arm A --out B --int8` checks and adds them); use the fp32 runtime")
+        if not self.int8:
+            raise BundleError(f"{self.path}: this bundle carries no int8 ONNX files: its int8 check failed when it was "
+                              f"made ({check.get('reason', 'no reason recorded')}); "
+                              "use the fp32 runtime")
+        predictor = onnx_ensemble(self, self.onnx_files(int8=True), threads=threads, spinning=spinning)
+        name = (self.meta["int8"].get("reference") or {}).get("file", INT8_EXPECTED_FILE)
+        source = _Source(self.path)
+        try:
+            expected = _json(source, name)
+            cases = {case: x for case, x, _ in _reference_cases(self.path, source)}
+        finally:
+            source.close()
+        if not expected.get("references"):
+            raise BundleError(f"{self.path}: {name} holds no reference")
+        tolerance = float(expected.get("tolerance", INT8_TOLERANCE))
+        legacy_ood = self.ood is not None and "noise_floor" not in self.ood.info
+        for record in expected["references"]:
+            if record.get("file") not in cases:
+                raise BundleError(f"{self.path}: {name} names {record.get('file')}, not a reference input")
+            _compare_to_record(self.path, f"reference {record['file']} under ONNX Runtime int8",
+                               predictor(cases[record["file"]][None]), record, ood_tolerance=ONNX_OOD_TOLERANCE,
+                               ood_threshold=float(self.ood.threshold) if legacy_ood else None, tolerance=tolerance,
+                               expected_file=name)
         return predictor
 
 
@@ -581,7 +669,8 @@ def load_bundle(path: str | Path, check_references: bool = True, *, trusted_keys
                         class_names=list(meta["class_names"]), views=meta["views"], image_size=params.size,
                         in_chans=int(input_spec["in_chans"]), spec=spec, signed=signed,
                         signature_status=signature_status, ood=_load_ood(meta, source, listed, str(path)),
-                        onnx=_check_onnx_entries(meta, listed, folds, str(path)))
+                        onnx=_check_onnx_entries(meta, listed, folds, str(path)),
+                        int8=_check_int8_entries(meta, listed, folds, str(path)))
         if check_references:
             for name, x, record in _reference_cases(path, source):
                 _compare_to_record(path, f"reference {name}", bundle.predict_arrays(x[None]), record)
@@ -607,8 +696,10 @@ def _reference_cases(path: Path, source: _Source) -> list[tuple[str, np.ndarray,
 
 
 def _compare_to_record(path: Path, what: str, outputs: dict[str, np.ndarray], record: dict,
-                       ood_tolerance: float = TOLERANCE, ood_threshold: float | None = None) -> None:
-    """One reference item's outputs against its expected.json record: per_model, raw and calibrated within 1e-4;
+                       ood_tolerance: float = TOLERANCE, ood_threshold: float | None = None,
+                       tolerance: float = TOLERANCE, expected_file: str = EXPECTED_FILE) -> None:
+    """One reference item's outputs against its expected.json record: per_model, raw and calibrated within
+    `tolerance` (1e-4);
     ood_score (when both have it) within `ood_tolerance` of its size, or, given `ood_threshold` (OOD models fitted
     before the noise floors of tlese.bundle.ood, whose scores amplify float noise), only on the same side of it."""
     for key in ("per_model", "raw", "calibrated", "ood_score"):
@@ -624,10 +715,10 @@ def _compare_to_record(path: Path, what: str, outputs: dict[str, np.ndarray], re
                                   f"{ood_threshold:.4g} from the recorded {float(want):.4g}")
             continue
         difference = float(np.abs(want - got).max()) if want.size else 0.0
-        allowed = ood_tolerance * max(1.0, float(np.abs(want).max())) if key == "ood_score" else TOLERANCE
+        allowed = ood_tolerance * max(1.0, float(np.abs(want).max())) if key == "ood_score" else tolerance
         if not difference <= allowed:
             label = "score" if key == "ood_score" else "probabilities"
-            raise BundleError(f"{path}: {what}: {key} {label} differ from {EXPECTED_FILE} by up to "
+            raise BundleError(f"{path}: {what}: {key} {label} differ from {expected_file} by up to "
                               f"{difference:.3g} (> {allowed:g}); the models do not reproduce what was bundled (other "
                               "code or library versions?)")
 

@@ -13,7 +13,9 @@ gives constant pads; the TorchScript exporter traces `SamePad2d` into a Shape/Pa
 fuse (tlese_lite0: ~1.3x slower, benchmarks/results/onnx.md). Weights are stored inside the one .onnx file.
 
 A bundle carries one such file per fold model (`onnx/fold_<k>.onnx`, see `tlese.bundle.format.export_bundle_onnx` and
-`Bundle.onnx_predictor`); this module knows models and files only, not bundles.
+`Bundle.onnx_predictor`), and with `tlese bundle --int8` their `quantize_onnx` versions when those passed the
+out-of-fold check (`onnx/fold_<k>.int8.onnx`, `tlese.train.int8`); this module knows models and files only, not
+bundles.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -251,8 +254,9 @@ def quantize_onnx(
     """Static int8 post-training quantisation (QDQ, per-channel int8 weights, uint8 activations, MinMax ranges
     from `calibration` batches of the input shape) of an exported file, with onnxruntime.quantization.
 
-    NOT a drop-in replacement: ~2x faster on a VNNI CPU but it changes the outputs (ImageNet-pretrained Lite0 on
-    mini-MIAS: features ~20 % relative L2 error, benchmarks/results/onnx.md). Validate on a held-out set before use.
+    NOT a drop-in replacement: ~2x faster on a VNNI CPU but it changes the outputs (benchmarks/results/onnx.md).
+    Validate on a held-out set before use: a bundle offers int8 files only when its out-of-fold check passed
+    (`tlese.train.int8`). The same file and calibration batches give the same bytes.
     """
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -269,16 +273,22 @@ def quantize_onnx(
             return None if batch is None else {name: np.ascontiguousarray(batch, dtype=np.float32)}
 
     prepared = out.with_name(out.stem + ".pre.onnx")
+    root = logging.getLogger()
+    level = root.level
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # shape inference only: an ORT-optimised model would carry this CPU's NCHWc kernels
-            quant_pre_process(str(path), str(prepared), skip_optimization=True, skip_symbolic_shape=True)
+            root.setLevel(logging.ERROR)  # onnxruntime.quantization logs per-tensor notes on the root logger
+            # ORT_ENABLE_BASIC (hardware-independent: constant folding, BatchNorm folded into its Conv) and shape
+            # inference. Without the folding each Conv's output would be quantised before its BatchNorm, per tensor,
+            # across channels of very different ranges; the NCHWc layout is a later level, never saved here.
+            quant_pre_process(str(path), str(prepared), skip_optimization=False, skip_symbolic_shape=True)
             quantize_static(
                 str(prepared), str(out), _Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             )  # fmt: skip
     finally:
+        root.setLevel(level)
         prepared.unlink(missing_ok=True)
     return out
 
@@ -293,6 +303,11 @@ DEFAULT_TOLERANCE = 1e-4
 def onnx_file(fold: int) -> str:
     """Where a bundle keeps the ONNX file of fold `fold`."""
     return f"{ONNX_DIR}/fold_{int(fold)}.onnx"
+
+
+def int8_file(fold: int) -> str:
+    """Where a bundle keeps the int8 ONNX file of fold `fold` (only when its int8 check passed, `tlese.train.int8`)."""
+    return f"{ONNX_DIR}/fold_{int(fold)}.int8.onnx"
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

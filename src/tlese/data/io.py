@@ -1,9 +1,13 @@
-"""Read mammograms and chest X-rays: DICOM (incl. RLE / JPEG / JPEG 2000 / JPEG-LS via pylibjpeg) and PNG, JPEG, PGM.
+"""Read mammograms and chest X-rays: DICOM (compressed included) and PNG, JPEG, PGM.
 
 `read_image(path)` returns float32 pixels in the stored intensity scale (modality rescale and VOI LUT / window
 applied when present, MONOCHROME1 inverted so that bright = dense tissue, no 8-bit quantisation) and an
-`ImageHeader`. `read_header(path)` gives the header without decoding pixels. Every failure is an `ImageReadError`
-naming the file and the problem.
+`ImageHeader`; `read_image(path, keep_integers=True)` returns the decoded integers themselves when there is nothing
+to apply (what preprocessing needs: no float32 copy of a 13-Mpix mammogram). Compressed DICOM frames go through the
+fastest bit-exact decoder per transfer syntax (`FRAME_DECODERS`: imagecodecs for RLE, JPEG-LS, JPEG 2000 and JPEG
+lossless, chosen by benchmarks/bench_decode.py), everything else through pydicom's decoders. `read_header(path)`
+gives the header without decoding pixels. Every failure is an `ImageReadError` naming the file and the problem,
+truncated or corrupt compressed data included.
 
 The header carries only technical tags (view, side, photometric, size, bits, ...), never patient identifiers; the
 SOPInstanceUID is kept only as a hash (`instance_hash`), to recognise one image stored twice.
@@ -18,6 +22,7 @@ not a conflict).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,17 +93,22 @@ def read_header_and_tags(path: str | Path, keywords: tuple[str, ...]) -> tuple[I
     return _dicom_header(ds, path), {keyword: _text(ds.get(keyword)) for keyword in keywords}
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, ImageHeader]:
-    """Read pixels as float32 (H, W), bright = dense, in the stored intensity scale, plus the header."""
+def read_image(path: str | Path, keep_integers: bool = False) -> tuple[np.ndarray, ImageHeader]:
+    """Read pixels as float32 (H, W), bright = dense, in the stored intensity scale, plus the header.
+
+    keep_integers: return the decoded integer array itself (no float32 copy of the full image; it may be
+    read-only) when nothing is to be applied to it: grayscale, not MONOCHROME1, no modality rescale / LUT and no
+    VOI LUT / window. Otherwise, and for float images, the float32 array as above.
+    """
     path = Path(path)
     image = _open_pil(path) if _sniff(path) == "pil" else None
     if image is None:
         ds = _read_dicom(path, stop_before_pixels=False)
         header = _dicom_header(ds, path)
-        return _dicom_pixels(ds, header, path), header
+        return _dicom_pixels(ds, header, path, keep_integers), header
     with image:
         header = _pil_header(image, path)
-        return _pil_pixels(image, path), header
+        return _pil_pixels(image, path, keep_integers), header
 
 
 def check_header_against(
@@ -252,7 +262,7 @@ def _text(value) -> str | None:
     return text or None
 
 
-def _dicom_pixels(ds, header: ImageHeader, path: Path) -> np.ndarray:
+def _dicom_pixels(ds, header: ImageHeader, path: Path, keep_integers: bool = False) -> np.ndarray:
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
         raise ImageReadError(path, f"multi-frame DICOM ({frames} frames, e.g. tomosynthesis) is not supported")
@@ -264,6 +274,8 @@ def _dicom_pixels(ds, header: ImageHeader, path: Path) -> np.ndarray:
         photometric = header.photometric
     if raw.ndim != 2:
         raise ImageReadError(path, f"unexpected pixel array shape {raw.shape}")
+    if keep_integers and photometric == "MONOCHROME2" and raw.dtype.kind in "ui" and not _has_luts(ds):
+        return raw
     pixels = _apply_luts(raw, ds, path)
     if photometric == "MONOCHROME1":
         # Invert within the observed range so values stay in the same scale; bright = dense afterwards.
@@ -273,6 +285,7 @@ def _dicom_pixels(ds, header: ImageHeader, path: Path) -> np.ndarray:
 
 
 def _decode(ds, path: Path) -> np.ndarray:
+    """The stored pixel values: through this syntax's entry of FRAME_DECODERS when it applies, else pydicom."""
     from pydicom.pixels import get_decoder, pixel_array
 
     uid = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) else None
@@ -282,17 +295,21 @@ def _decode(ds, path: Path) -> np.ndarray:
             decoder = get_decoder(uid)
         except NotImplementedError:
             raise ImageReadError(path, f"unsupported transfer syntax {uid.name} ({uid}): no decoder exists") from None
+        fast = FRAME_DECODERS.get(str(uid))
+        if fast is not None or uid in _MARKER_ENDED:
+            frame = _single_frame(ds.PixelData, path)
+            if uid in _MARKER_ENDED:
+                _check_end_marker(frame, uid, path)
+        if fast is not None:
+            raw = fast.decode(frame, ds, path)
+            if raw is not None:
+                _check_bits_stored(raw, ds, path)
+                return raw
         if not decoder.is_available:
             missing = "; ".join(decoder.missing_dependencies) or "no plugin"
             raise ImageReadError(path, f"cannot decode {uid.name}: no decoder installed ({missing})")
-        # pylibjpeg's compiled RLE decoder is ~4x faster than pydicom's pure-Python one.
         if "pylibjpeg" in decoder.available_plugins:
             plugin = "pylibjpeg"
-            if uid == "1.2.840.10008.1.2.5":
-                fast = _decode_rle_fast(ds, path)
-                if fast is not None:
-                    _check_bits_stored(fast, ds, path)
-                    return fast
     unsigned = int(ds.get("PixelRepresentation", 0) or 0) == 0
     # pydicom clears the bits above BitsStored by default, which turns 12-bit data labelled BitsStored 8 into a
     # wrong image without a word; keep them (unsigned data only: signed data needs the sign extension) and check.
@@ -301,12 +318,17 @@ def _decode(ds, path: Path) -> np.ndarray:
         raw = pixel_array(ds, decoding_plugin=plugin, **options)
     except ImageReadError:
         raise
-    except Exception as error:  # decoders raise ValueError/RuntimeError/... for corrupt or short data
-        reason = " ".join(str(error).split())[:400] or type(error).__name__
-        raise ImageReadError(path, f"cannot decode pixel data (truncated or corrupt?): {reason}") from None
+    except BaseException as error:  # decoders raise ValueError/RuntimeError/... (a Rust one panics) for bad data
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ImageReadError(path, f"cannot decode pixel data (truncated or corrupt?): {_reason(error)}") from None
     if unsigned:
         _check_bits_stored(raw, ds, path)
     return raw
+
+
+def _reason(error: BaseException) -> str:
+    return " ".join(str(error).split())[:400] or type(error).__name__
 
 
 def _check_bits_stored(raw: np.ndarray, ds, path: Path) -> None:
@@ -320,32 +342,135 @@ def _check_bits_stored(raw: np.ndarray, ds, path: Path) -> None:
                                    f"{2**bits - 1}): the header's bit depth is wrong")
 
 
-def _decode_rle_fast(ds, path: Path) -> np.ndarray | None:
-    """Single-frame unsigned grayscale RLE straight through pylibjpeg-rle, or None when not applicable.
+# ---------------------------------------------------------------------------------------------------------------
+# Compressed frames: the fastest bit-exact decoder per transfer syntax, imagecodecs for all four measured. Median CPU
+# ms per 13-Mpix CBIS-DDSM image (benchmarks/results/decode.md): RLE 18 (pylibjpeg-rle 24), JPEG-LS 143 and JPEG
+# lossless 69 (pylibjpeg-libjpeg 544 and 328, and it decodes a truncated frame without a word), JPEG 2000 1125
+# (pylibjpeg-openjpeg 1172; both are OpenJPEG). The frame is passed as a memoryview: no copy.
 
-    pydicom's generic path copies the decoded frame into a fresh array (~50 ms of a ~150 ms full-field
-    mammogram); here the decoder's buffer is used as is.
-    """
-    if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("PixelRepresentation", 0)) != 0:
-        return None
-    bits = int(ds.get("BitsAllocated", 0))
-    if bits not in (8, 16):
-        return None
+_ITEM, _SEQUENCE_END = b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0"
+# JPEG, JPEG-LS and JPEG 2000 codestreams end with the marker FF D9 (EOI / EOC); decoders of the JPEG family fill
+# a truncated stream's missing rows silently, so its absence is checked before decoding.
+_MARKER_ENDED = frozenset({"1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
+                           "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
+
+
+def _single_frame(pixel_data: bytes, path: Path) -> memoryview | bytes:
+    """The one frame of single-frame encapsulated Pixel Data, without copying it when it is one fragment."""
+    view = memoryview(pixel_data)
+    fragments, position = [], 0
+    while position + 8 <= len(view):
+        tag, length = bytes(view[position: position + 4]), int.from_bytes(view[position + 4: position + 8], "little")
+        position += 8
+        if tag == _SEQUENCE_END:
+            break
+        if tag != _ITEM:
+            raise ImageReadError(path, f"corrupt encapsulated pixel data (no item tag at byte {position - 8})")
+        if position + length > len(view):
+            raise ImageReadError(path, "encapsulated pixel data ends inside a fragment (truncated file?)")
+        fragments.append(view[position: position + length])
+        position += length
+    if len(fragments) < 2:  # the first item is the Basic Offset Table
+        raise ImageReadError(path, "encapsulated pixel data holds no frame (truncated file?)")
+    return fragments[1] if len(fragments) == 2 else b"".join(fragments[1:])
+
+
+def _check_end_marker(frame: memoryview | bytes, uid, path: Path) -> None:
+    if bytes(frame[:12]) == b"\x00\x00\x00\x0cjP  \r\n\x87\n":  # JP2 file format: boxes may follow the codestream
+        return
+    # Within the last 16 bytes: odd-length fragments carry a padding byte, some writers add a few more. FF D9
+    # cannot occur inside entropy-coded data (byte stuffing), so a cut stream never passes.
+    if b"\xff\xd9" not in bytes(frame[-16:]):
+        raise ImageReadError(path, f"{uid.name} frame has no end-of-image marker (FF D9): the pixel data is "
+                                   "truncated or corrupt")
+
+
+@dataclass(frozen=True)
+class FrameDecoder:
+    """How one transfer syntax's frames are decoded: `function(frame, rows, cols, bits_allocated)` returns the
+    pixels (any shape with rows x cols values); it applies to single-sample unsigned 8- or 16-bit images."""
+
+    name: str
+    package: str
+    function: Callable[[memoryview | bytes, int, int, int], np.ndarray]
+
+    def describe(self) -> str:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"{self.name} ({self.package} {version(self.package)})"
+        except PackageNotFoundError:
+            return f"{self.name} ({self.package} not installed: pydicom's decoders instead)"
+
+    def decode(self, frame: memoryview | bytes, ds, path: Path) -> np.ndarray | None:
+        """The frame's pixels (rows, cols), None when this decoder does not apply or is not installed; a frame
+        that fails to decode, or decodes to the wrong size, raises ImageReadError."""
+        bits = int(ds.get("BitsAllocated", 0) or 0)
+        if (int(ds.get("SamplesPerPixel", 1) or 1) != 1 or int(ds.get("PixelRepresentation", 0) or 0) != 0
+                or bits not in (8, 16)):
+            return None
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        try:
+            pixels = np.asarray(self.function(frame, rows, cols, bits))
+        except ImportError:
+            return None
+        except BaseException as error:  # a Rust decoder panics with a BaseException
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise ImageReadError(path, f"cannot decode {ds.file_meta.TransferSyntaxUID.name} pixel data (truncated "
+                                       f"or corrupt?): {_reason(error)}") from None
+        if pixels.size != rows * cols:
+            raise ImageReadError(path, f"pixel data decodes to {pixels.size} values, expected {rows} x {cols} "
+                                       "(truncated or corrupt?)")
+        expected = np.dtype(np.uint16 if bits == 16 else np.uint8)
+        if pixels.dtype.kind != "u":  # a codestream that disagrees with the header's sign: pydicom reconciles them
+            return None
+        if pixels.dtype.itemsize > expected.itemsize:
+            raise ImageReadError(path, f"pixel data decodes to {pixels.dtype} values, more than BitsAllocated {bits}")
+        return pixels.reshape(rows, cols).astype(expected, copy=False)
+
+
+def _rle_imagecodecs(frame: memoryview | bytes, rows: int, cols: int, bits: int) -> np.ndarray:
+    from imagecodecs import dicomrle_decode
+
+    dtype = "<u2" if bits == 16 else np.uint8
+    return np.frombuffer(dicomrle_decode(frame, dtype), dtype=dtype)
+
+
+def _imagecodecs(name: str) -> Callable[[memoryview | bytes, int, int, int], np.ndarray]:
+    def decode(frame: memoryview | bytes, rows: int, cols: int, bits: int) -> np.ndarray:
+        import imagecodecs
+
+        return getattr(imagecodecs, name)(frame)
+
+    return decode
+
+
+# Transfer syntax UID -> decoder; syntaxes not listed (and images a decoder does not apply to) go through pydicom.
+# The lossy variants (.57 any predictor, .81 near-lossless, .91) use the same codec as their lossless twins.
+_RLE = FrameDecoder("imagecodecs.dicomrle_decode", "imagecodecs", _rle_imagecodecs)
+_JPEG_LS = FrameDecoder("imagecodecs.jpegls_decode", "imagecodecs", _imagecodecs("jpegls_decode"))
+_JPEG_2000 = FrameDecoder("imagecodecs.jpeg2k_decode", "imagecodecs", _imagecodecs("jpeg2k_decode"))
+_JPEG_LOSSLESS = FrameDecoder("imagecodecs.jpeg8_decode", "imagecodecs", _imagecodecs("jpeg8_decode"))
+FRAME_DECODERS: dict[str, FrameDecoder] = {
+    "1.2.840.10008.1.2.5": _RLE,  # RLE Lossless
+    "1.2.840.10008.1.2.4.80": _JPEG_LS,  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": _JPEG_LS,  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90": _JPEG_2000,  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": _JPEG_2000,  # JPEG 2000 (lossless or lossy)
+    "1.2.840.10008.1.2.4.70": _JPEG_LOSSLESS,  # JPEG Lossless, process 14, selection value 1
+    "1.2.840.10008.1.2.4.57": _JPEG_LOSSLESS,  # JPEG Lossless, process 14, any predictor
+}
+
+
+def _has_luts(ds) -> bool:
+    """Whether the header asks for a modality rescale / LUT or a VOI LUT / window (what `_apply_luts` applies)."""
+    if "ModalityLUTSequence" in ds or "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
+        return True
     try:
-        from pydicom.encaps import generate_frames
-        from rle.utils import decode_frame
-    except ImportError:
-        return None
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    try:
-        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-        data = decode_frame(frame, rows * cols, bits, "<")
-    except Exception as error:
-        reason = " ".join(str(error).split())[:400] or type(error).__name__
-        raise ImageReadError(path, f"cannot decode RLE pixel data (truncated or corrupt?): {reason}") from None
-    if len(data) != rows * cols * bits // 8:
-        raise ImageReadError(path, f"RLE frame decodes to {len(data)} bytes, expected {rows * cols * bits // 8}")
-    return np.frombuffer(data, dtype="<u2" if bits == 16 else np.uint8).reshape(rows, cols)
+        return float(ds.get("RescaleSlope", 1) or 1) != 1.0 or float(ds.get("RescaleIntercept", 0) or 0) != 0.0
+    except (TypeError, ValueError):
+        return True  # let _apply_luts report the invalid tags
 
 
 def _apply_luts(raw: np.ndarray, ds, path: Path) -> np.ndarray:
@@ -402,7 +527,7 @@ def _pil_header(image, path: Path) -> ImageHeader:
     )
 
 
-def _pil_pixels(image, path: Path) -> np.ndarray:
+def _pil_pixels(image, path: Path, keep_integers: bool = False) -> np.ndarray:
     try:
         image.load()
         mode = image.mode
@@ -416,4 +541,6 @@ def _pil_pixels(image, path: Path) -> np.ndarray:
         raise ImageReadError(path, f"cannot decode image (truncated or corrupt?): {error}") from None
     if array.ndim != 2:
         raise ImageReadError(path, f"unexpected pixel array shape {array.shape} (mode {image.mode})")
+    if keep_integers and array.dtype.kind in "ui":
+        return array
     return np.ascontiguousarray(array, dtype=np.float32)

@@ -13,9 +13,10 @@ that takes a `Sample` (the image so far and what earlier steps found) and return
 params)` is the one "file -> model input": read, check the header against the expected side and view, run the
 composition. The array functions `breast_mask`, `breast_box`, `crop_to_breast`, `orient_to_common_side`,
 `resize_keep_aspect_pad` run the same step classes on their own. Everything is pure: array in, new array out,
-inputs never modified. Pixels that cannot give a meaningful input (too small, constant, not finite, no breast
-found, no contrast) raise `UnusableImageError` with the reason, rather than becoming an all-zero or
-noise-stretched image.
+inputs never modified; integer input (what `read_image(..., keep_integers=True)` returns) gives exactly the
+output of its float32 copy, without that full-size copy (Resize converts only the crop). Pixels that cannot give
+a meaningful input (too small, constant, not finite, no breast found, no contrast) raise `UnusableImageError` with
+the reason, rather than becoming an all-zero or noise-stretched image.
 
 Parameters are made by one rule, `PreprocessParams.build(size, modality, overrides)`; the keys an override may
 set are `PREPROCESS_OVERRIDES` (`tlese prepare --param KEY=VALUE`, an experiment's `preprocess:` section).
@@ -623,7 +624,8 @@ def run_steps(steps: tuple[Step, ...] | list[Step], sample: Sample) -> Sample:
 
 
 def preprocess_image(pixels: np.ndarray, side: str | None, params: PreprocessParams | None = None) -> np.ndarray:
-    """Decoded pixels (bright = dense, any scale) -> model input float32 (size, size) in [0, 1].
+    """Decoded pixels (bright = dense, any scale, float or integer: an integer image and its float32 copy give the
+    same output, bit for bit) -> model input float32 (size, size) in [0, 1].
 
     The composition `preprocess_steps(params)`, used at training time (through the cache) and at prediction time.
     Raises UnusableImageError for pixels too small, constant or not finite, with no breast found, or without
@@ -653,7 +655,7 @@ def prepare_file(
     """
     expected = Side.parse(side, strict=True)
     started = time.perf_counter()
-    pixels, header = read_image(path)
+    pixels, header = read_image(path, keep_integers=True)  # the steps take integers: no float32 copy of the image
     read = time.perf_counter()
     check_header_against(header, view, expected, path)
     try:
@@ -733,7 +735,11 @@ def normalise_intensity(
 
 
 def _percentile_window(values: np.ndarray, low_pct: float, high_pct: float, where: str) -> tuple[float, float]:
-    """The [low_pct, high_pct] percentiles of `values`; a flat window raises UnusableImageError naming `where`."""
+    """The [low_pct, high_pct] percentiles of `values`; a flat window raises UnusableImageError naming `where`.
+
+    Integer values are taken as float32 first, so an integer image and its float32 copy give the same window."""
+    if values.dtype.kind in "uib":
+        values = values.astype(np.float32)
     low, high = (float(v) for v in np.percentile(values, [low_pct, high_pct]))
     if high <= low:
         raise UnusableImageError(f"no contrast in {where} (its {low_pct:g}-{high_pct:g} percentile "

@@ -74,10 +74,12 @@ class NodeConfig:
     trusted_keys: Path | None = None
     allow_unsigned: bool = False
     runtime: str = "torch"
+    processes: int = 0  # worker processes decoding a study's images side by side (tlese.predict.prepare)
 
 
 _TOP = {"ae_title", "host", "port", "allowed_calling_aets", "work_dir", "quiet_seconds", "retention_minutes",
-        "destination", "watch", "retry", "trusted_keys", "allow_unsigned", "runtime"}
+        "destination", "watch", "retry", "trusted_keys", "allow_unsigned", "runtime",
+        "processes"}
 
 
 def _target(value: Any, where: str, kind: str) -> DimseTarget | WebTarget:
@@ -134,7 +136,8 @@ def parse_config(data: dict, where: str = "node config", base: Path | None = Non
             retry_first_seconds=float(retry.get("first_seconds", 5)),
             retry_max_seconds=float(retry.get("max_seconds", 300)),
             trusted_keys=path(data["trusted_keys"]) if data.get("trusted_keys") else None,
-            allow_unsigned=bool(data.get("allow_unsigned", False)), runtime=str(data.get("runtime", "torch")))
+            allow_unsigned=bool(data.get("allow_unsigned", False)), runtime=str(data.get("runtime", "torch")),
+            processes=int(data.get("processes", 0)))
     except (TypeError, ValueError) as error:
         raise NodeConfigError(f"{where}: {error}") from None
     if config.port and not config.allowed_calling_aets:

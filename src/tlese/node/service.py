@@ -42,6 +42,7 @@ from tlese.node.deliver import DeliveryError, make_sender
 from tlese.node.queue import Job, WorkQueue
 from tlese.predict.inputs import cbis_patient
 from tlese.predict.pipeline import exam_key, make_predictor, predict
+from tlese.predict.prepare import Preparer
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,9 @@ class Node:
         self.audit = AuditLog(self.work / AUDIT_FILE)
         self.sender = make_sender(config)
         self.predictor = make_predictor(bundle, config.runtime, self.work / "onnx")
+        if config.processes < 0:
+            raise ValueError(f"processes {config.processes}: give 0 or more")
+        self.preparer = Preparer(config.processes)
         self.watcher = None
         self._server = None
         self._next_poll = 0.0
@@ -182,6 +186,7 @@ class Node:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        self.preparer.close()
         if self._server is not None:
             self._server.shutdown()
             self._server = None
@@ -214,7 +219,7 @@ class Node:
         outcomes = []
         try:
             predict(self.bundle, [path for path, _ in job.inputs], folder, salt=self.salt, sr=True,
-                    predictor=self.predictor)
+                    predictor=self.predictor, preparer=self.preparer)
             hashes = sorted(digest for _, digest in job.inputs)
             for study, revision in sorted(job.studies.items()):
                 sr = folder / "sr" / f"{study}.dcm"

@@ -58,22 +58,82 @@ def register_predict(subparsers) -> None:
                         help="also write this CSV from exam key to StudyInstanceUID / AccessionNumber (identifying)")
     parser.add_argument("--salt", default=None, help="secret for the exam keys (default: generated once into "
                         "OUT/.salt)")
-    parser.add_argument("--runtime", default="torch",
-                        help="inference runtime: torch (default) or onnx (the bundle's own ONNX files; exported for "
-                        "this run when it carries none)")
+    parser.add_argument("--runtime", default="auto",
+                        help="inference runtime: auto (default: onnx when the bundle carries verified ONNX files, "
+                        "else torch), torch, onnx (the bundle's own ONNX files; exported for this run when it "
+                        "carries none) or onnx-int8 (the bundle's int8 files, made only when they passed its int8 "
+                        "check)")
+    parser.add_argument("--processes", type=int, default=None, metavar="N",
+                        help="worker processes decoding and preparing images while the model predicts (default: one "
+                        "per core, at most 4, when there are more than 8 breasts to predict and the runtime is not "
+                        "torch; 0: all in this process)")
+    parser.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                        help="progress bar on stderr (default auto: on a terminal only)")
     _add_trust_options(parser)
     parser.set_defaults(func=cmd_predict)
+
+
+def _breasts_beyond_one_chunk(inputs) -> bool:
+    """Whether the inputs may hold more breasts than `predict` prepares at once (a cheap guess from file counts:
+    more than 2 x CHUNK files, or any zip or manifest): only then do worker processes pay for their start."""
+    from tlese.predict.pipeline import CHUNK
+
+    files = 0
+    for given in inputs:
+        given = Path(given)
+        if given.suffix.lower() in (".zip", ".csv"):
+            return True
+        if given.is_dir():
+            files += sum(1 for path in given.rglob("*") if path.is_file())
+        else:
+            files += 1
+        if files > 2 * CHUNK:
+            return True
+    return False
+
+
+def _progress_bar(mode: str):
+    """(callback for `predict`'s progress, closer) showing a tqdm bar of breasts on stderr, or (None, no-op)."""
+    import sys
+
+    if mode == "off" or (mode == "auto" and not sys.stderr.isatty()):
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="breast", desc="predict", file=sys.stderr, dynamic_ncols=True)
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    return update, bar.close
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Load the bundle, predict, print the summary (counts, reasons and exam keys only)."""
     from tlese.predict.pipeline import predict
+    from tlese.predict.prepare import Preparer, default_processes
 
-    bundle = _load(args, say_synthetic=False)
-    if args.runtime == "onnx" and not bundle.onnx:
-        print("NOTE: the bundle carries no ONNX files; exporting its models for this run (rebundle to avoid this)")
-    summary = predict(bundle, args.inputs, args.out, salt=args.salt, link_file=args.link_file,
-                      heatmaps=args.heatmaps, sr=args.sr, runtime=args.runtime)
+    if args.processes is not None and args.processes < 0:
+        raise ValueError(f"--processes {args.processes}: give 0 or more (or leave it out: one per core)")
+    processes = default_processes(args.runtime) if args.processes is None else args.processes
+    # the workers start (importing their decoders) while the bundle loads and verifies
+    with Preparer(processes if _breasts_beyond_one_chunk(args.inputs) else 0) as preparer:
+        preparer.start(wait=False)
+        bundle = _load(args, say_synthetic=False)
+        if args.runtime == "auto":
+            args.runtime = "onnx" if getattr(bundle, "onnx", None) else "torch"
+        if args.runtime == "onnx" and not bundle.onnx:
+            print("NOTE: the bundle carries no ONNX files; exporting its models for this run (rebundle to avoid "
+                  "this)")
+        progress, close_bar = _progress_bar(args.progress)
+        try:
+            summary = predict(bundle, args.inputs, args.out, salt=args.salt, link_file=args.link_file,
+                              heatmaps=args.heatmaps, sr=args.sr, runtime=args.runtime, preparer=preparer,
+                              progress=progress)
+        finally:
+            close_bar()
     print("\n".join(summary.lines()))
     return 0
 

@@ -56,9 +56,10 @@ from typing import Any
 import numpy as np
 
 from tlese.data.io import ImageReadError
-from tlese.data.preprocess import PreprocessParams, prepare_file
+from tlese.data.preprocess import PreprocessParams
 from tlese.files import write_bytes_atomic
 from tlese.predict.inputs import Breast, ImageInput, InputSet, collect_inputs, safe_reason
+from tlese.predict.prepare import Preparer, PreprocessingFailed
 from tlese.vocab import DUAL_VIEW_ORDER, View
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ SALT_FILE = ".salt"
 KEY_HEX = 16  # 64 bits of the HMAC name an exam key
 OVERLAY_SENTENCE = "Grad-CAM shows where the model looked for this prediction; it is not a tumour outline."
 DEFAULT_INTENDED_USE = "research use only - not for diagnostic use"
-RUNTIMES = ("torch", "onnx")
+RUNTIMES = ("torch", "onnx", "onnx-int8")
 DISAGREEMENT_THRESHOLD = 0.25  # std over the fold models of a class probability (the largest class): a reason above
 SYNTHETIC_WARNING = ("this model was trained on SYNTHETIC images, not on real mammograms: its outputs say nothing "
                      "about a patient")
@@ -141,7 +142,8 @@ class _Prepared:
 def predict(bundle: Any, inputs: Sequence[str | Path], out_dir: str | Path, *, salt: str | None = None,
             link_file: str | Path | None = None, heatmaps: bool = False, sr: bool = False,
             runtime: str = "torch", predictor: Callable[[np.ndarray], dict] | None = None,
-            label_root: str | Path | None = None) -> Summary:
+            label_root: str | Path | None = None, preparer: Preparer | None = None, processes: int = 0,
+            progress: Callable[[int, int], None] | None = None) -> Summary:
     """Predict every breast found in `inputs` with `bundle` (see `tlese.bundle.format.load_bundle`) into `out_dir`.
 
     salt: secret for the exam keys (default: `out_dir/.salt`, generated on the first run). link_file: where to write
@@ -150,12 +152,22 @@ def predict(bundle: Any, inputs: Sequence[str | Path], out_dir: str | Path, *, s
     when `tlese.predict.export.OnnxModel` is available). predictor: a `make_predictor` result to use instead of
     building one for `runtime` (a service builds it once: an ONNX export per call would cost seconds).
     label_root: inputs under it are named in the outputs by their path relative to it (`collect_inputs`).
+    preparer: a `tlese.predict.prepare.Preparer` to decode and prepare the images with (a service shares one); else
+    one with `processes` worker processes is made for this call (0: in this thread). With worker processes the
+    next chunk of breasts is prepared while the model predicts the current one; the outputs are the same.
+    progress: called as progress(breasts done, breasts in all) after the inputs are read and after every chunk.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if bundle.views not in ("dual", "single"):
         raise ValueError(f"bundle views must be 'dual' or 'single', got {bundle.views!r}")
-    options = {"salt": salt, "link_file": link_file, "heatmaps": heatmaps, "sr": sr, "label_root": label_root}
+    if preparer is None:
+        with Preparer(processes) as own:
+            return predict(bundle, inputs, out_dir, salt=salt, link_file=link_file, heatmaps=heatmaps, sr=sr,
+                           runtime=runtime, predictor=predictor, label_root=label_root, preparer=own,
+                           progress=progress)
+    options = {"salt": salt, "link_file": link_file, "heatmaps": heatmaps, "sr": sr, "label_root": label_root,
+               "preparer": preparer, "progress": progress}
     if predictor is not None:
         return _predict(bundle, predictor, inputs, Path(out_dir), **options)
     with tempfile.TemporaryDirectory(prefix="tlese-predict-") as workdir:
@@ -164,7 +176,8 @@ def predict(bundle: Any, inputs: Sequence[str | Path], out_dir: str | Path, *, s
 
 
 def _predict(bundle: Any, predict_arrays, inputs: Sequence[str | Path], out_dir: Path, *, salt: str | None,
-             link_file: str | Path | None, heatmaps: bool, sr: bool, label_root: str | Path | None) -> Summary:
+             link_file: str | Path | None, heatmaps: bool, sr: bool, label_root: str | Path | None,
+             preparer: Preparer, progress: Callable[[int, int], None] | None) -> Summary:
     params: PreprocessParams = bundle.preprocess
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir.name}: exists and is not a folder; give a folder for the outputs")
@@ -192,12 +205,25 @@ def _predict(bundle: Any, predict_arrays, inputs: Sequence[str | Path], out_dir:
         if tampered:
             summary.notes.append(f"{tampered} earlier result(s) in {BREASTS_DIR}/ failed their integrity check "
                                  "(edited after they were written): recomputed")
-        for start in range(0, len(todo), CHUNK):
-            chunk = todo[start: start + CHUNK]
+        total = len(found.breasts)
+        if preparer.parallel and not preparer.started and len(todo) <= CHUNK:
+            preparer = Preparer(0)  # one chunk: nothing to overlap, and starting the workers costs seconds
+        if progress is not None:
+            progress(summary.resumed, total)
+        chunks = [todo[start: start + CHUNK] for start in range(0, len(todo), CHUNK)]
+        pending = _submit_first_tries(chunks[0], bundle, params, preparer) if chunks else {}
+        for index, chunk in enumerate(chunks):
+            following = chunks[index + 1] if index + 1 < len(chunks) else []
+            # with worker processes, the next chunk is decoded while this one is predicted
+            upcoming = _submit_first_tries(following, bundle, params, preparer) if preparer.parallel else None
             for item in chunk:
-                _prepare_breast(item, bundle, params)
+                _prepare_breast(item, bundle, params, _fetcher(pending, preparer, params))
+            pending = {}
             _predict_chunk(chunk, bundle, predict_arrays, results, out_dir, heatmaps, key_salt)
             summary.computed += len(chunk)
+            if progress is not None:
+                progress(summary.resumed + summary.computed, total)
+            pending = upcoming if upcoming is not None else _submit_first_tries(following, bundle, params, preparer)
         if sr:
             summary.files.update(_write_srs(found, results, bundle, out_dir, key_salt, summary))
         if link_file is not None:
@@ -248,7 +274,39 @@ def bundle_views(bundle: Any) -> tuple[tuple[str, ...], int]:
 # One breast: choose and prepare its images, decide its verdict
 
 
-def _prepare_breast(item: _Prepared, bundle: Any, params: PreprocessParams) -> None:
+def _first_tries(item: _Prepared, bundle: Any) -> list[ImageInput]:
+    """The images `_prepare_breast` will prepare first: per view the bundle reads, its first candidate without a
+    header problem (none for a breast in an identity conflict)."""
+    if item.breast.conflicts:
+        return []
+    read, _ = bundle_views(bundle)
+    tries = []
+    for view in DUAL_VIEW_ORDER:
+        if view.value in read:
+            tries += [image for image in item.breast.candidates(view)
+                      if not (image.problems or _bundle_problems(bundle, image))][:1]
+    return tries
+
+
+def _submit_first_tries(chunk: list[_Prepared], bundle: Any, params: PreprocessParams, preparer: Preparer) -> dict:
+    """{id(image): Future} of the first tries of every breast of `chunk`, submitted to `preparer` at once."""
+    return {id(image): preparer.submit(image.path, image.side, image.view, params)
+            for item in chunk for image in _first_tries(item, bundle)}
+
+
+def _fetcher(pending: dict, preparer: Preparer, params: PreprocessParams) -> Callable[[ImageInput], tuple]:
+    """image -> prepare_file's (image, info): from the Future submitted ahead, else submitted now."""
+    def fetch(image: ImageInput) -> tuple[np.ndarray, dict]:
+        future = pending.pop(id(image), None) or preparer.submit(image.path, image.side, image.view, params)
+        return future.result()
+
+    return fetch
+
+
+def _prepare_breast(item: _Prepared, bundle: Any, params: PreprocessParams,
+                    fetch: Callable[[ImageInput], tuple] | None = None) -> None:
+    if fetch is None:
+        fetch = _fetcher({}, Preparer(0), params)
     breast = item.breast
     identifiers = breast.identifiers
     item.reasons += breast.notes
@@ -278,13 +336,18 @@ def _prepare_breast(item: _Prepared, bundle: Any, params: PreprocessParams) -> N
                 failures.append(f"{view} image not used: {why}")
                 continue
             try:
-                array, info = prepare_file(image.path, image.side, image.view, params)
+                array, info = fetch(image)
             except ImageReadError as error:
                 why = safe_reason(error.reason, identifiers)
                 if why.startswith(("DICOM has no image", "DICOM has no Pixel Data")):
                     # its header read (Rows, Columns) before: the file ends early (pydicom then returns a partial
                     # dataset, which the data layer reports as having no image)
                     why = "truncated DICOM: the header reads but the pixel data is cut short or corrupt"
+                item.not_used[image.sha256] = why
+                failures.append(f"{view} image not used: {why}")
+                continue
+            except PreprocessingFailed as error:
+                why = f"preprocessing failed ({error.kind})"
                 item.not_used[image.sha256] = why
                 failures.append(f"{view} image not used: {why}")
                 continue
@@ -693,6 +756,8 @@ def make_predictor(bundle: Any, runtime: str, workdir: Path | None = None, threa
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if runtime == "torch":
         return bundle.predict_arrays
+    if runtime == "onnx-int8":  # only the bundle's own int8 files, made when they passed its int8 check
+        return bundle.onnx_predictor(threads=threads, spinning=spinning, int8=True)
     own = getattr(bundle, "onnx_predictor", None)
     if callable(own):  # the bundle's own ONNX files, parity-checked when it was made
         predictor = own(threads=threads, spinning=spinning)

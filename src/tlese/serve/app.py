@@ -27,8 +27,11 @@ outputs; no identifier, no file name) and, when asked for, the SR in memory. Hea
 are carried in the response itself (data: URIs).
 
 The model is loaded once. Requests are predicted in a bounded thread pool (`Limits.workers`, a queue of
-`Limits.max_queue` beyond which 503); Grad-CAM (heatmaps) hooks the shared fold models and the SR writer swaps
-process-wide warning filters, so requests asking for either run alone (an exclusive lock), the others side by side.
+`Limits.max_queue` beyond which 503); their images are decoded and prepared in `Limits.processes` worker processes
+shared by all requests (`tlese.predict.prepare.Preparer`: the decoders hold the GIL, so threads alone would take
+turns), while the model runs in the request threads (ONNX Runtime and torch release the GIL). Grad-CAM (heatmaps)
+hooks the shared fold models and the SR writer swaps process-wide warning filters, so requests asking for either
+run alone (an exclusive lock), the others side by side.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
+from tlese.files import scratch_writes
 from tlese.predict.pipeline import OVERLAY_SENTENCE, SYNTHETIC_WARNING, bundle_provenance, bundle_views, predict
 from tlese.serve.limits import Limits
 from tlese.serve.uploads import (
@@ -257,6 +261,9 @@ class Service:
         else:  # export once; the sessions hold the models, the files go at once
             with tempfile.TemporaryDirectory(prefix=f"{REQUEST_PREFIX}onnx-", dir=self.tmp_dir) as work:
                 self.predictor = make_predictor(bundle, runtime, Path(work), threads=onnx_threads, spinning=False)
+        from tlese.predict.prepare import Preparer
+
+        self.preparer = Preparer(limits.processes)
         self.lock = SharedExclusive()
         self.executor = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="tlese-predict")
         self._admitted = 0
@@ -318,6 +325,7 @@ class Service:
     def close(self) -> None:
         """Stop the pool (running predictions end first) and empty the request area."""
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.preparer.close()
         clean_request_area(self.tmp_dir)
 
     # one request
@@ -382,9 +390,10 @@ class Service:
             if cancelled.is_set():
                 raise ServiceError(504, "timeout", "timed out before the prediction started")
             out_dir = root / "out"
-            with self.lock.exclusive() if heatmaps or sr else self.lock.shared():
+            # the outputs are read back and deleted below: no fsync (each would wait for the disk's journal)
+            with self.lock.exclusive() if heatmaps or sr else self.lock.shared(), scratch_writes():
                 predict(self.bundle, prepared.inputs, out_dir, salt=self.salt, heatmaps=heatmaps, sr=sr,
-                        predictor=self.predictor, label_root=root)
+                        predictor=self.predictor, label_root=root, preparer=self.preparer)
             document = _clean_document(json.loads((out_dir / "predictions.json").read_text()), prepared, root,
                                        out_dir)
             outcome = Outcome(request_id=request_id, document=document,

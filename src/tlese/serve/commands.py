@@ -38,7 +38,12 @@ def register_serve(subparsers) -> None:
     parser.add_argument("--salt", default=None, help="secret for the exam keys (default: made once beside the audit "
                         "log)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="requests predicted at once (default: 2, or 1 on a one-core machine)")
+                        help="requests predicted at once (default: 2 per core with worker processes, else 1 per "
+                             "core; at least 2)")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="worker processes decoding and preparing the images of all requests (default: one per "
+                             "core, at most 4: each holds about 0.55 GB; none with the torch runtime; 0: in the "
+                             "request threads)")
     parser.add_argument("--queue", type=int, default=defaults.max_queue,
                         help=f"admitted requests waiting beyond the workers; more get 503 (default "
                              f"{defaults.max_queue})")
@@ -64,8 +69,10 @@ def register_serve(subparsers) -> None:
                              "(default $TLESE_TRUSTED_KEYS, else ~/.config/tlese/trusted_keys)")
     parser.add_argument("--allow-unsigned", action="store_true",
                         help="serve a bundle without a valid signature (the page and the model card say so)")
-    parser.add_argument("--runtime", default="torch", help="inference runtime: torch (default) or onnx (exported "
-                        "once at start)")
+    parser.add_argument("--runtime", default="auto", help="inference runtime: auto (default: onnx when the bundle "
+                        "carries verified ONNX files, else torch), torch, onnx (the bundle's ONNX files, else exported "
+                        "once at start) or onnx-int8 (the bundle's int8 files, made only when they passed its int8 "
+                        "check)")
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     parser.set_defaults(func=cmd_serve)
 
@@ -75,8 +82,9 @@ def check_options(args: argparse.Namespace) -> None:
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: a TCP port is 1 to 65535 (default 8000)")
     if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers {args.workers}: give at least 1 (or leave it out: 2, or 1 on a one-core "
-                         "machine)")
+        raise ValueError(f"--workers {args.workers}: give at least 1 (or leave it out: 2 per core)")
+    if args.processes is not None and args.processes < 0:
+        raise ValueError(f"--processes {args.processes}: give 0 or more (or leave it out: one per core)")
     if args.state_dir is not None and args.state_dir.exists() and not args.state_dir.is_dir():
         raise ValueError(f"--state-dir {args.state_dir}: is a file, not a folder; give a folder (made if missing)")
     if args.trusted_keys is not None and not args.trusted_keys.exists():
@@ -94,39 +102,45 @@ def check_options(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Check the options, load the bundle, build the app, run uvicorn until interrupted."""
     import logging
-    import os
     import warnings
 
+    from tlese.predict.prepare import default_processes, usable_cores
     from tlese.serve.limits import Limits
 
     check_options(args)
-    cores = os.cpu_count() or 1
-    workers = args.workers or (2 if cores >= 2 else 1)
-    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_files=args.max_files,
-                    max_pixels=args.max_pixels, max_unzipped_bytes=int(args.max_unzipped_mb * 2**20),
-                    request_timeout_s=args.timeout, workers=workers, max_queue=args.queue,
-                    max_per_client=args.max_per_client)
-
     import torch
     import uvicorn
 
     from tlese.bundle.format import load_bundle
     from tlese.serve.app import create_app
 
-    # One intra-op thread per worker and core: workers side by side use the cores without oversubscribing them.
-    threads = max(1, cores // workers)
-    torch.set_num_threads(threads)
     _withhold_header_text(logging, warnings)
     _log_requests(logging, args.log_level)
     options = {"trusted_keys": args.trusted_keys} if args.trusted_keys is not None else {}
     bundle = load_bundle(args.bundle, **options, **({"allow_unsigned": True} if args.allow_unsigned else {}))
+    if args.runtime == "auto":  # ONNX Runtime is the faster of the two (benchmarks/results/serve.md)
+        args.runtime = "onnx" if getattr(bundle, "onnx", None) else "torch"
+    cores = usable_cores()
+    # none for torch, whose model uses the cores itself (worker processes beside it were slower)
+    processes = default_processes(args.runtime) if args.processes is None else args.processes
+    # with worker processes the request threads mostly wait for them: twice the cores keep the model busy meanwhile
+    workers = args.workers or (max(2, 2 * cores) if processes else max(2, cores))
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_files=args.max_files,
+                    max_pixels=args.max_pixels, max_unzipped_bytes=int(args.max_unzipped_mb * 2**20),
+                    request_timeout_s=args.timeout, workers=workers, max_queue=args.queue,
+                    max_per_client=args.max_per_client, processes=processes)
+    # One intra-op thread per worker and core: workers side by side use the cores without oversubscribing them.
+    threads = max(1, cores // workers)
+    torch.set_num_threads(threads)
     app = create_app(bundle, limits, state_dir=args.state_dir, audit_log=args.audit_log, salt=args.salt,
                      runtime=args.runtime, onnx_threads=threads)
     service = app.state.service
+    service.preparer.start()  # the worker processes import the decoders now, not during the first request
     print(f"tlese serve: bundle {bundle.sha256[:16]} ({bundle.model_name} x {len(bundle.models)}), intended use: "
           f"{bundle.intended_use}", flush=True)
     print(f"  http://{args.host}:{args.port}/  (API /api/v1/predict, docs /docs); {workers} worker(s) x {threads} "
-          f"thread(s), runtime {args.runtime}; audit log {service.audit.path}", flush=True)
+          f"thread(s), {processes} preparing process(es), runtime {args.runtime}; audit log {service.audit.path}",
+          flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print("  WARNING: listening beyond this machine without authentication or TLS; put it behind the site's "
               "reverse proxy", flush=True)

@@ -16,7 +16,9 @@ class Limits:
     its first byte, upload plus prediction (408 while uploading: a stalled body is closed; 504 after); workers:
     requests predicted at once (threads, one model in memory); max_queue: received requests waiting for a worker
     beyond those (503 when full); max_per_client: requests of one client address at once, uploads included (429
-    above); max_uploads: requests being received at once, all clients together (503 above).
+    above); max_uploads: requests being received at once, all clients together (503 above); processes: worker
+    processes that decode and prepare the images of all requests (`tlese.predict.prepare.Preparer`; 0: in the
+    request threads, where the decoders take turns on Python's GIL).
     """
 
     max_upload_bytes: int = 512 * 2**20
@@ -28,10 +30,11 @@ class Limits:
     max_queue: int = 16
     max_per_client: int = 4
     max_uploads: int = 64
+    processes: int = 0
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if not value > 0 and not (name == "max_queue" and value == 0):
+            if not value > 0 and not (name in ("max_queue", "processes") and value == 0):
                 raise ValueError(f"limit {name} must be positive, got {value!r}")
 
     def to_dict(self) -> dict:

@@ -179,7 +179,7 @@ async def receive_form(request, folder: Path, limits: Limits, deadline: float) -
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if "handle" in part:
-            part["handle"].write(data[start:end])
+            part["handle"].write(memoryview(data)[start:end])
             part["upload"].size += end - start
         else:
             part["data"] += data[start:end]

@@ -4,7 +4,8 @@ The bundle format and its loader live in `tlese.bundle` and need no training cod
 the model spec each fold recorded when it trained (never recomputed from the run's YAML), writes the fold models as
 safetensors, calibrates the ensemble (checked on held-out patients, applied only where it helps), fits the
 out-of-distribution model on the training images' features, records reference outputs, exports one ONNX file per fold
-(checked against torch), writes the checksums and, given a key, signs them. The result is loaded back and verified
+(checked against torch), with `int8` adds their int8 quantisation when it keeps the out-of-fold answers
+(`tlese.train.int8`), writes the checksums and, given a key, signs them. The result is loaded back and verified
 before it is moved into place.
 """
 
@@ -211,6 +212,31 @@ def _ood_lines(ood: dict | None) -> list[str]:
             f"{'n/a' if rate is None else f'{rate:.1%}'}."]
 
 
+def _small(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def _int8_lines(check: dict) -> list[str]:
+    unit, limit, flags = check.get("unit", "case"), check.get("threshold"), check.get("ood_flag_changed")
+    if check.get("passed"):
+        verdict = (f"Offered: the bundle carries int8 ONNX files (onnx/fold_<k>.int8.onnx) for the ONNX Runtime int8 "
+                   f"runtime, because the macro AUC moved by at most {limit} on the out-of-fold {unit}s.")
+    else:
+        verdict = f"Not offered: {check.get('reason')}; the bundle carries no int8 files (use the fp32 runtimes)."
+    change = check.get("macro_auc_change")
+    numbers = (f"Checked on {check.get('n_oof')} out-of-fold {unit}s, each by its own fold's model: macro AUC "
+               f"{_fmt(check.get('macro_auc_fp32'))} (fp32 ONNX) -> {_fmt(check.get('macro_auc_int8'))} (int8), "
+               f"change {'n/a' if change is None else f'{change:+.4f}'} (limit +-{limit}); largest probability "
+               f"change {_small(check.get('max_abs_prob_change'))}, mean {_small(check.get('mean_abs_prob_change'))}; "
+               f"predicted class changed for {100 * (check.get('predicted_class_changed') or 0):.1f} % of them; "
+               f"ensemble: largest probability change {_small(check.get('ensemble_max_abs_prob_change'))}"
+               + ("" if flags is None else f", OOD flag changed for {flags} of {check.get('n_oof')}") + ".")
+    calibration = check.get("calibration") or {}
+    per_fold = ", ".join(f"fold {fold}: {n}" for fold, n in (calibration.get("items_per_fold") or {}).items())
+    return [verdict, "", numbers,
+            f"Calibration: {calibration.get('method', 'n/a')}, on {calibration.get('from', 'n/a')} ({per_fold})."]
+
+
 def card_markdown(card: dict) -> str:
     """A short human-readable model card from `card.json`'s content; its first lines say what the model was trained
     and validated on (and when that was synthetic data)."""
@@ -245,6 +271,7 @@ def card_markdown(card: dict) -> str:
                      f"{_fmt(row.get('ci_high'))} | {_fmt(row.get('mean'))} | {_fmt(row.get('std'))} |")
     lines += ["", "## Calibration", "", *_calibration_lines(card["calibration"]), "",
               "## Out-of-distribution check", "", *_ood_lines(card.get("ood")), "",
+              *(["## int8 (ONNX Runtime)", "", *_int8_lines(card["int8"]), ""] if card.get("int8") else []),
               "## Provenance", "",
               f"tlese {provenance['bundled_with'].get('tlese')}, torch {provenance['bundled_with'].get('torch')}; run "
               f"commit {provenance['run_environment'].get('git_commit', 'unknown')}, bundled at commit "
@@ -384,7 +411,8 @@ def _verify(folder: Path, signer_public_key: bytes | None):
 
 
 def make_bundle(run_dir: str | Path, arm: str, out: str | Path, zip: bool = False, intended_use: str | None = None,
-                n_boot: int | None = None, sign_key: str | Path | None = None, onnx: bool = True) -> Path:
+                n_boot: int | None = None, sign_key: str | Path | None = None, onnx: bool = True,
+                int8: bool = False) -> Path:
     """Freeze the finished folds of `arm` in run folder `run_dir` into a bundle at `out` (a folder; with `zip`, the
     file `out` with a .zip suffix) and return its path.
 
@@ -395,7 +423,10 @@ def make_bundle(run_dir: str | Path, arm: str, out: str | Path, zip: bool = Fals
     `bootstrap`); the temperature is cross-fitted on the same predictions and applied only if held-out patients
     confirm it helps; the out-of-distribution model is fitted on the ensemble's features of the training images.
     With `onnx` (default) each fold model is also exported to ONNX and checked against torch on the reference
-    inputs; with `sign_key` (an Ed25519 private key, `tlese keygen`) the bundle is signed. `intended_use` defaults
+    inputs; with `int8` (needs `onnx`) each ONNX file is also quantised to int8 and checked on the out-of-fold
+    items (`tlese.train.int8.release_int8`): the int8 files are added only when the macro AUC moves by at most
+    `INT8_MAX_AUC_CHANGE`, the check is recorded in model.json and the card either way. With `sign_key` (an Ed25519
+    private key, `tlese keygen`) the bundle is signed. `intended_use` defaults
     to research use only. The bundle is loaded back and verified (with the signer's public key when signed) before
     it is moved into place; `out` must not exist yet (or be an empty folder).
     """
@@ -404,6 +435,8 @@ def make_bundle(run_dir: str | Path, arm: str, out: str | Path, zip: bool = Fals
     from tlese.train.runs import FinishedRun
     from tlese.vocab import COMMON_SIDE, DUAL_VIEW_ORDER
 
+    if int8 and not onnx:
+        raise BundleError("int8 quantises the bundle's ONNX files: it cannot be combined with --no-onnx")
     run = FinishedRun(run_dir)
     experiment = run.experiment
     arm_config = run.arm(arm)
@@ -515,6 +548,13 @@ def make_bundle(run_dir: str | Path, arm: str, out: str | Path, zip: bool = Fals
             from tlese.bundle.onnx import export_bundle_onnx
 
             meta["onnx"] = export_bundle_onnx(draft, work, references=reference_inputs(draft.input_shape))
+            if int8:  # only a check that passes leaves int8 files; the record goes into model.json and the card
+                from tlese.train.int8 import release_int8
+
+                meta["int8"] = release_int8(run, arm_config.name, spec, draft, work, seed=experiment.seed)
+                card["int8"] = meta["int8"]["check"]
+                (work / CARD_FILE).write_text(_dump(card))
+                (work / CARD_MARKDOWN).write_text(card_markdown(_clean(card)))
             (work / MODEL_FILE).write_text(_dump(meta))
         write_checksums(work)
         if sign_key is not None:
