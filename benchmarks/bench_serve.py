@@ -357,8 +357,8 @@ def to_markdown(results: dict) -> str:
 
 
 NOTES = [
-    "- What changed for issue #21: RLE frames are decoded by imagecodecs (about 18 ms per 13-Mpix CBIS image "
-    "against 34 ms for pylibjpeg-rle, benchmarks/results/decode.md), which releases the GIL, into the integers "
+    "- What changed for issue #21: RLE frames are decoded by imagecodecs (about 16 ms per 13-Mpix CBIS image "
+    "against 28 ms for pylibjpeg-rle, benchmarks/results/decode.md), which releases the GIL, into the integers "
     "preprocessing needs (no float32 copy of the whole image); the per-request output folder is written without "
     "fsync (`tlese.files.scratch_writes`: it is read back and deleted within the request; each fsync waited for the "
     "disk's journal behind the other requests' 40 MB uploads, which had held ONNX at about 2.5 exams/s with the "

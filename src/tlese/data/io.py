@@ -344,9 +344,9 @@ def _check_bits_stored(raw: np.ndarray, ds, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Compressed frames: the fastest bit-exact decoder per transfer syntax, imagecodecs for all four measured. Median CPU
-# ms per 13-Mpix CBIS-DDSM image (benchmarks/results/decode.md): RLE 18 (pylibjpeg-rle 24), JPEG-LS 143 and JPEG
-# lossless 69 (pylibjpeg-libjpeg 544 and 328, and it decodes a truncated frame without a word), JPEG 2000 1125
-# (pylibjpeg-openjpeg 1172; both are OpenJPEG). The frame is passed as a memoryview: no copy.
+# ms per 13-Mpix CBIS-DDSM image (benchmarks/results/decode.md): RLE 15.5 (pylibjpeg-rle 28), JPEG-LS 127 and JPEG
+# lossless 67 (pylibjpeg-libjpeg 497 and 311, and it decodes a truncated frame without a word), JPEG 2000 1064
+# (pylibjpeg-openjpeg 1090; both are OpenJPEG). The frame is passed as a memoryview: no copy.
 
 _ITEM, _SEQUENCE_END = b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0"
 # JPEG, JPEG-LS and JPEG 2000 codestreams end with the marker FF D9 (EOI / EOC); decoders of the JPEG family fill
