@@ -283,8 +283,7 @@ def _first_tries(item: _Prepared, bundle: Any) -> list[ImageInput]:
     tries = []
     for view in DUAL_VIEW_ORDER:
         if view.value in read:
-            tries += [image for image in item.breast.candidates(view)
-                      if not (image.problems or _bundle_problems(bundle, image))][:1]
+            tries += [image for image in item.breast.candidates(view) if not _problems(bundle, image)][:1]
     return tries
 
 
@@ -329,7 +328,7 @@ def _prepare_breast(item: _Prepared, bundle: Any, params: PreprocessParams,
             continue
         failures = []
         for image in candidates:
-            problems = list(image.problems) + _bundle_problems(bundle, image)
+            problems = _problems(bundle, image)
             if problems:
                 why = "; ".join(problems)
                 item.not_used[image.sha256] = why
@@ -398,6 +397,12 @@ def _prepare_breast(item: _Prepared, bundle: Any, params: PreprocessParams,
         how = ("duplicated into both view slots, as cross-validation measured single-view breasts"
                if bundle.views == "dual" else "the single-view model on that image alone")
         item.reasons.append(f"{missing} view missing: predicted from the {present} view alone ({how})")
+
+
+def _problems(bundle: Any, image: ImageInput) -> list[str]:
+    """Why `image` is not used, from its header alone: its own problems, then the bundle's (`_bundle_problems`);
+    the one rule `_prepare_breast` applies and `_first_tries` predicts."""
+    return list(image.problems) + _bundle_problems(bundle, image)
 
 
 def _bundle_problems(bundle: Any, image: ImageInput) -> list[str]:
